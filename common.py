@@ -1,0 +1,267 @@
+"""What the mixture-of-LoRA methods share: routers, top-k, the balancing loss, the two dispatch
+functions (naive loop and fused), injection into a model, and adapter save/load.
+
+Shape legend, used in every file of this repo:
+
+    B batch  T time  N tokens (B*T, flattened)  D model dim  I in-features  O out-features
+    E experts  K experts kept per token (top-k)  r rank
+
+Every expert update has the LoRA form  Delta_e x = B_e act(A_e x)  (act is the identity except in
+MoDULA-Res), and a layer mixes them with per-token gates g (N, E):
+
+    y = W0 x + scaling * sum_e g_e(x) * B_e act(A_e x)                       (METHODS.md 1(a))
+
+A is either per expert (E, r, I) or shared by all experts (r, I) (MoSLD, MALoRA: METHODS.md 2(a),
+3(a)); with a shared A, x A^T is computed once per token. `dispatch_naive` is the equation as a
+loop, `dispatch_fused` the same maths as two matmuls with no loop over experts.
+
+Not included: expert parallelism, capacity factors and token dropping, quantised bases,
+several adapters per layer.
+"""
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------- init helpers
+
+
+def lora_uniform_(A: torch.Tensor) -> torch.Tensor:
+    """nn.Linear's default init for a (..., r, I) down-projection: U(-1/sqrt(I), 1/sqrt(I)).
+    (kaiming_uniform_(a=sqrt(5)) as PEFT uses, but with fan_in = I also for stacked (E, r, I).)"""
+    bound = 1 / math.sqrt(A.shape[-1])
+    return nn.init.uniform_(A, -bound, bound)
+
+
+def make_router(I: int, E: int) -> nn.Linear:
+    """Bias-free token router W_g (E, I), N(0, 0.02^2) as in the MoLoRA code (METHODS.md 1(b))."""
+    router = nn.Linear(I, E, bias=False)
+    nn.init.normal_(router.weight, std=0.02)
+    return router
+
+
+def check_field(cls: str, name: str, value, ok: bool, allowed: str):
+    """One message format for every config error: names the field, its value and what is allowed."""
+    if not ok:
+        raise ValueError(f"{cls}.{name}={value!r}: must be {allowed}")
+
+
+# ----------------------------------------------------------------------------- routing
+
+
+def route(x: torch.Tensor, router: nn.Linear, top_k: int, renormalize: bool = True):
+    """Token routing: softmax over E in float32, then keep the top K (METHODS.md 1(b), 2(b)).
+
+    Returns logits (N, E), probs (N, E), dense gates (N, E) that are zero outside the top-k, and
+    idx (N, K), the kept experts. With K == E the routing is soft: gates == probs, idx is None.
+    Fixed shapes, no boolean masks: safe for torch.compile(fullgraph=True).
+    """
+    logits = F.linear(x.float(), router.weight.float())            # (N, E), float32 (MoLoRA code)
+    probs = logits.softmax(-1)                                     # (N, E)
+    if top_k == probs.shape[-1]:                                   # soft routing: every expert kept
+        return logits, probs, probs, None
+    top, idx = probs.topk(top_k, dim=-1)                           # (N, K), (N, K)
+    if renormalize:
+        top = top / top.sum(-1, keepdim=True)                      # the K kept weights sum to 1 (Eq. 1)
+    gates = torch.zeros_like(probs).scatter(-1, idx, top)          # (N, E), zero outside the top-k
+    return logits, probs, gates, idx
+
+
+def load_balance_loss(probs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Switch balancing loss, E * sum_e f_e * P_e (Fedus et al. 2021, Eq. 4; METHODS.md 2(b)).
+
+    f_e: share of the (token, slot) picks that go to expert e.  P_e: mean router probability of e.
+    Equals 1 when routing is perfectly uniform, E when every token goes to one expert.
+    """
+    E = probs.shape[-1]
+    f = F.one_hot(idx, E).float().mean(dim=(0, 1))                 # (E,)
+    P = probs.float().mean(0)                                      # (E,)
+    return E * (f * P).sum()
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Router z-loss, mean_n logsumexp(logits_n)^2 (Zoph et al. 2022, ST-MoE Eq. 5)."""
+    return logits.float().logsumexp(-1).square().mean()
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def _expert_inputs(x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """x A_e^T for every expert: (N, E, r) from per-expert A (E, r, I), or (N, r) from shared A."""
+    if A.dim() == 2:                                               # shared input side: once per token
+        return x @ A.T                                             # (N, r)
+    return torch.einsum("ni,eri->ner", x, A)                      # (N, E, r)
+
+
+def dispatch_naive(x, A, B, gates, scaling, act: Callable | None = None):
+    """y = scaling * sum_e g_e * B_e act(A_e x), one expert at a time. The reference.
+
+    x (N, I); A (E, r, I) per expert or (r, I) shared; B (E, O, r); gates (N, E).
+    Every expert runs on every token; top-k shows up only as zero gates.
+    """
+    y = x.new_zeros(x.shape[0], B.shape[1], dtype=torch.float32)   # (N, O)
+    for e in range(B.shape[0]):
+        A_e = A if A.dim() == 2 else A[e]                          # (r, I)
+        h = x @ A_e.T                                              # (N, r)
+        if act is not None:
+            h = act(h)
+        y = y + gates[:, e:e + 1] * (h @ B[e].T).float()           # (N, 1) * (N, O)
+    return (scaling * y).to(x.dtype)
+
+
+def dispatch_fused(x, A, B, gates, scaling, act: Callable | None = None):
+    """Same maths as dispatch_naive with no loop over experts: (N, E*r) @ (E*r, O).
+
+    The gate product is formed in float32 (gates come from a float32 softmax) and rounded once to
+    the compute dtype before the second matmul, so bf16/fp16 inputs lose nothing in the mixing.
+    No .item(), no data-dependent shapes: torch.compile(fullgraph=True) captures it whole.
+    """
+    N, (E, O, r) = x.shape[0], B.shape
+    h = _expert_inputs(x, A)                                       # (N, E, r) or (N, r)
+    if act is not None:
+        h = act(h)
+    if h.dim() == 2:
+        h = h[:, None, :]                                          # (N, 1, r), same z for every expert
+    h = (h.float() * gates[..., None]).to(x.dtype)                 # (N, E, r)
+    B_cat = B.permute(0, 2, 1).reshape(E * r, O)                   # (E*r, O), rows e*r..e*r+r-1 = B_e^T
+    return scaling * (h.reshape(N, E * r) @ B_cat)                 # (N, O)
+
+
+# fullgraph=True is safe: no branch on tensor values and no .item(), so dispatch is one graph.
+# Compiling is lazy: nothing happens until the first call, on the device of its inputs.
+dispatch_compiled = torch.compile(dispatch_fused, fullgraph=True, dynamic=False)
+
+
+# ----------------------------------------------------------------------------- adapted layers
+
+
+class AdaptedLinear(nn.Module):
+    """A frozen nn.Linear plus an update. Subclasses define `update(x, dispatch) -> (N, O)`.
+
+    `forward` runs `update` with the fused dispatch, `forward_naive` with the loop, so the two
+    paths share every line except the dispatch, and a test comparing them compares only that.
+    A layer with a balancing loss leaves it in `self.aux` for `aux_loss(model)` to collect.
+    """
+
+    def __init__(self, base: nn.Linear, aux_loss_coef: float = 0.0):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.aux_loss_coef = aux_loss_coef
+        self.aux = None                                            # set by routed forwards
+
+    def _run(self, x, dispatch):
+        x2 = x.reshape(-1, x.shape[-1])                            # (N, I)
+        dy = self.update(x2, dispatch)                             # (N, O)
+        return self.base(x) + dy.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+    def forward(self, x):
+        return self._run(x, dispatch_fused)
+
+    def forward_naive(self, x):
+        return self._run(x, dispatch_naive)
+
+
+def aux_loss(model: nn.Module) -> torch.Tensor | float:
+    """Mean over adapted layers that keep one of aux_loss_coef * that layer's balancing loss
+    (METHODS.md 2(b), 3(b)). 0.0 when no layer has one (soft MoLoRA, LoRA)."""
+    losses = [m.aux_loss_coef * m.aux for m in model.modules()
+              if isinstance(m, AdaptedLinear) and m.aux is not None and m.aux_loss_coef > 0]
+    return torch.stack(losses).mean() if losses else 0.0
+
+
+# ----------------------------------------------------------------------------- injection
+
+
+def inject(model: nn.Module, layer_factory: Callable[[nn.Linear, str], nn.Module],
+           targets: tuple[str, ...]) -> list[nn.Module]:
+    """Replace every nn.Linear whose attribute name is in `targets` (e.g. ("q", "v")) by
+    layer_factory(linear, full_name), freeze everything else, and return the new layers in
+    model order. The factory gets the full name (e.g. "blocks.3.attn.q") for per-layer configs."""
+    model.requires_grad_(False)
+    found = [(name, mod) for name, mod in model.named_modules()
+             if isinstance(mod, nn.Linear) and name.rsplit(".", 1)[-1] in targets]
+    if not found:
+        raise ValueError(f"inject: no nn.Linear named any of {list(targets)} in the model")
+    layers = []
+    for name, linear in found:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = layer_factory(linear, name)
+        setattr(parent, attr, layer)
+        layers.append(layer)
+    return layers
+
+
+def count_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------- training stages
+
+
+@dataclass
+class Stage:
+    """One stage of a method's training schedule, run by train.py in order.
+
+    Single-stage methods need none (train.py trains every adapter parameter on the task mixture).
+    Staged methods (MoDULA, MoA) return a list of these from their `stages(...)` function.
+    """
+    name: str                                        # shown in the progress bar and metrics.json
+    tasks: tuple                                     # the data mixture (task names, tasks.py)
+    params: Callable[[list], list]                   # layers -> the parameters this stage trains
+    setup: Callable[[list], None] | None = None      # layers -> None, e.g. switch a forward mode
+    on_batch: Callable | None = None                 # (layers, task_ids (B,)) -> None, per batch
+    extra_loss: Callable[[list], torch.Tensor] | None = None   # layers -> loss added to the LM loss
+    steps_frac: float = 1.0                          # share of --steps this stage runs
+
+
+# ----------------------------------------------------------------------------- save / load
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the adapter: every parameter of an AdaptedLinear except its frozen base."""
+    return {f"{name}.{p_name}": p.detach().cpu().contiguous()
+            for name, mod in model.named_modules() if isinstance(mod, AdaptedLinear)
+            for p_name, p in mod.named_parameters() if not p_name.startswith("base.")}
+
+
+def save_adapter(model: nn.Module, path: str, meta: dict):
+    """Adapter weights as safetensors, with `meta` (method, config, targets...) in the header.
+    Written to a temporary file and renamed, so a crash never leaves a half-written adapter."""
+    from safetensors.torch import save_file
+    tmp = f"{path}.tmp"
+    save_file(adapter_state_dict(model), tmp, metadata={"meta": json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def load_adapter(model: nn.Module, path: str) -> dict:
+    """Load weights saved by save_adapter into an already-injected model; returns its meta.
+    Raises FileNotFoundError / ValueError with one line naming the problem."""
+    from safetensors import safe_open
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such adapter file")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+            saved = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises several types for a corrupt file
+        raise ValueError(f"{path}: not a readable adapter file ({e})") from e
+    own = dict(model.named_parameters())
+    expected = adapter_state_dict(model)
+    missing, unexpected = expected.keys() - saved.keys(), saved.keys() - expected.keys()
+    if missing or unexpected:
+        raise ValueError(f"{path}: adapter does not fit this model (missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(unexpected)[:3]})")
+    with torch.no_grad():
+        for k, t in saved.items():
+            if own[k].shape != t.shape:
+                raise ValueError(f"{path}: shape mismatch for {k}: file {tuple(t.shape)}, "
+                                 f"model {tuple(own[k].shape)}")
+            own[k].copy_(t)
+    return meta

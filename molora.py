@@ -1,0 +1,77 @@
+"""MoLoRA: a mixture of LoRA experts, routed per token.
+
+Pushing Mixture of Experts to the Limit: Extremely Parameter Efficient MoE for Instruction
+Tuning (Zadouri et al., ICLR 2024), https://arxiv.org/abs/2309.05444 ; METHODS.md §1.
+
+    g(x) = softmax(W_g x)                         soft routing, the original   (METHODS.md 1(a))
+    g(x) = renorm(TopK_K(softmax(W_g x)))         top-k, as MALoRA/MoSLD use   (METHODS.md 1(h))
+    y    = W0 x + (alpha / r) * sum_e g_e(x) * B_e A_e x
+
+Defaults follow the official code: A ~ N(0, 0.02^2), B = 0, router ~ N(0, 0.02^2), no bias,
+float32 router logits, no aux loss with soft routing. top_k=K turns on the top-k variant with the
+Switch balancing loss (coefficient 0.01, MALoRA Tables 8-9).
+Not included: MoV ((IA)^3 experts), router jitter noise, routing on sentence embeddings.
+Deviations: alpha is a config field (the official code fixes it at 16).
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from common import AdaptedLinear, check_field, load_balance_loss, make_router, route
+
+
+@dataclass
+class MoLoRAConfig:
+    num_experts: int = 8          # E
+    rank: int = 8                 # r, per expert
+    alpha: float = 16.0           # scaling = alpha / r (the official code fixes alpha = 16)
+    top_k: int | None = None      # K; None = soft routing over all E experts (the original)
+    renormalize: bool = True      # top-k weights renormalised to sum to 1 (Mixtral/MixLoRA practice)
+    aux_loss_coef: float = 0.01   # Switch balancing loss, used only when top_k < E
+    dropout: float = 0.0          # on x; none in the official code
+    targets: tuple = ("q", "k", "v", "o", "up", "down")   # attention and FFN, as the official code
+
+    def __post_init__(self):
+        check_field("MoLoRAConfig", "num_experts", self.num_experts, self.num_experts >= 1, "an integer >= 1")
+        check_field("MoLoRAConfig", "rank", self.rank, self.rank >= 1, "an integer >= 1")
+        check_field("MoLoRAConfig", "top_k", self.top_k,
+                    self.top_k is None or 1 <= self.top_k <= self.num_experts,
+                    f"None (soft) or in 1..num_experts ({self.num_experts})")
+        check_field("MoLoRAConfig", "aux_loss_coef", self.aux_loss_coef, self.aux_loss_coef >= 0, ">= 0")
+        check_field("MoLoRAConfig", "dropout", self.dropout, 0 <= self.dropout < 1, "in [0, 1)")
+
+
+class MoLoRALinear(AdaptedLinear):
+    def __init__(self, base: nn.Linear, cfg: MoLoRAConfig):
+        super().__init__(base, cfg.aux_loss_coef)
+        I, O, E, r = base.in_features, base.out_features, cfg.num_experts, cfg.rank
+        self.top_k, self.renormalize = cfg.top_k or E, cfg.renormalize
+        self.scaling = cfg.alpha / r
+        self.lora_A = nn.Parameter(torch.empty(E, r, I))
+        self.lora_B = nn.Parameter(torch.empty(E, O, r))
+        self.router = make_router(I, E)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.normal_(self.lora_A, std=0.02)            # official code: A ~ N(0, 0.02^2)
+        nn.init.zeros_(self.lora_B)                       # B = 0 -> update = 0 -> output == base(x)
+        nn.init.normal_(self.router.weight, std=0.02)
+
+    def update(self, x, dispatch):
+        """x (N, I) -> scaling * sum_e g_e B_e A_e x, (N, O)."""
+        _, probs, gates, idx = route(x, self.router, self.top_k, self.renormalize)  # (N, E) gates
+        if idx is not None:                               # top-k only: the soft original has no aux loss
+            self.aux = load_balance_loss(probs, idx)
+        return dispatch(self.dropout(x), self.lora_A, self.lora_B, gates, self.scaling)
+
+    def delta_weight(self, e: int) -> torch.Tensor:
+        """Dense (O, I) update of expert e. For merging and tests, never called by forward."""
+        return self.scaling * self.lora_B[e] @ self.lora_A[e]     # (O, r) @ (r, I) -> (O, I)
+
+
+def molora_num_params(I: int, O: int, cfg: MoLoRAConfig) -> int:
+    """E r (I + O) + E I per adapted linear: experts + bias-free router (METHODS.md 1(d))."""
+    E, r = cfg.num_experts, cfg.rank
+    return E * r * (I + O) + E * I

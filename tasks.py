@@ -1,0 +1,105 @@
+"""Synthetic multi-task data that makes tasks interfere.
+
+Every example is one fixed-length sequence:
+
+    [TASK] d_1 ... d_L [SEP] a_1 ... a_L [EOS]        digits d, a in 0..9
+
+The same digits d must map to a different answer a in every task, so one small adapter has to
+hold several conflicting maps at once, keyed only by the task token:
+
+    copy      a = d                       the "general" task: the base model is pretrained on it,
+                                          and its accuracy after fine-tuning shows forgetting
+    add1      a_i = (d_i + 1) mod 10      digit maps that conflict with each other
+    subst     a_i = PERM[d_i]             (a fixed random permutation of the digits)
+    neg       a_i = 9 - d_i
+    mul3      a_i = 3 d_i mod 10
+    addpos    a_i = (d_i + i) mod 10      the map depends on the position too
+
+Held-out data: an input belongs to the eval split when a hash of its digits is 0 mod 10, so no
+eval input is ever trained on, in any task. Accuracy is exact match of the L answer digits under
+greedy decoding.
+"""
+import torch
+
+DIGITS = 10
+SEP, EOS = 10, 11
+GENERAL = "copy"
+TASKS = ("add1", "subst", "neg", "mul3", "addpos")       # the fine-tuning tasks
+ALL_TASKS = (GENERAL, *TASKS)
+TASK_TOKEN = {name: 12 + i for i, name in enumerate(ALL_TASKS)}  # 12..17
+VOCAB_SIZE = 32                                                # room for more tasks
+PERM = torch.tensor([3, 7, 0, 9, 4, 1, 8, 2, 6, 5])            # the "subst" map, fixed forever
+
+
+ANSWER = {                                                      # d (B, L) -> a (B, L)
+    "copy": lambda d: d,
+    "add1": lambda d: (d + 1) % DIGITS,
+    "subst": lambda d: PERM[d],
+    "neg": lambda d: 9 - d,
+    "mul3": lambda d: 3 * d % DIGITS,
+    "addpos": lambda d: (d + torch.arange(1, d.shape[-1] + 1)) % DIGITS,
+}
+
+
+def in_eval_split(d: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: a fixed hash of the digits decides the split, the same for every task."""
+    weights = torch.tensor([1_000_003 ** i % 2_147_483_647 for i in range(d.shape[-1])])
+    return (d * weights).sum(-1) % 2_147_483_647 % 10 == 0
+
+
+def sample_digits(n: int, L: int, split: str, gen: torch.Generator) -> torch.Tensor:
+    """(n, L) random digits from the train or eval split (rejection sampling, CPU)."""
+    rows = []
+    while sum(r.shape[0] for r in rows) < n:
+        d = torch.randint(0, DIGITS, (2 * n, L), generator=gen)            # (2n, L)
+        rows.append(d[in_eval_split(d) == (split == "eval")])
+    return torch.cat(rows)[:n]                                             # (n, L)
+
+
+def make_batch(task_ids: torch.Tensor, L: int, split: str, gen: torch.Generator):
+    """Sequences for the given task ids (B,), indices into ALL_TASKS.
+
+    Returns tokens (B, 2L+3) and the prompt length P = L+2 (task token, digits, SEP); the answer
+    a_1..a_L, EOS occupies positions P..2L+2.
+    """
+    B = task_ids.shape[0]
+    d = sample_digits(B, L, split, gen)                                    # (B, L)
+    a = torch.empty_like(d)
+    for t, name in enumerate(ALL_TASKS):                                   # a handful of tasks
+        rows = task_ids == t
+        a[rows] = ANSWER[name](d[rows])
+    task_tok = torch.tensor([TASK_TOKEN[n] for n in ALL_TASKS])[task_ids]  # (B,)
+    tokens = torch.cat([task_tok[:, None], d, torch.full((B, 1), SEP), a,
+                        torch.full((B, 1), EOS)], dim=1)                   # (B, 2L+3)
+    return tokens, L + 2
+
+
+def lm_inputs(tokens: torch.Tensor, P: int):
+    """Next-token inputs (B, T) and targets (B, T), T = 2L+2, loss only on the answer and EOS."""
+    x, y = tokens[:, :-1], tokens[:, 1:].clone()                           # (B, T), (B, T)
+    y[:, :P - 1] = -100                                                    # no loss on the prompt
+    return x, y
+
+
+def task_ids_for(names, n: int, gen: torch.Generator) -> torch.Tensor:
+    """(n,) task ids drawn uniformly from the named tasks (a mixture batch)."""
+    ids = torch.tensor([ALL_TASKS.index(t) for t in names])
+    return ids[torch.randint(0, len(ids), (n,), generator=gen)]
+
+
+@torch.no_grad()
+def accuracy(model, task: str, n: int, L: int, seed: int = 1234, batch: int = 250) -> float:
+    """Exact-match accuracy of greedy decoding on n held-out examples of one task."""
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    correct = 0
+    for start in range(0, n, batch):
+        m = min(batch, n - start)
+        tokens, P = make_batch(torch.full((m,), ALL_TASKS.index(task)), L, "eval", gen)
+        seq = tokens[:, :P].to(device)                                     # (m, P) the prompt
+        for _ in range(L):                                                 # greedy, L digits
+            logits = model(seq)
+            logits = logits[0] if isinstance(logits, tuple) else logits
+            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        correct += (seq[:, P:].cpu() == tokens[:, P:P + L]).all(-1).sum().item()
+    return correct / n

@@ -1,0 +1,232 @@
+"""Fine-tune a tiny GPT with one mixture-of-LoRA method on the synthetic tasks, end to end.
+
+    python train.py --method malora            # pretrain (or reuse) the base, fine-tune, evaluate
+
+Sections: arguments, seed and device, base model, inject the method, fine-tune, evaluate, results.
+Writes out/<method>/metrics.json (and log.jsonl); the pretrained base is cached under out/base/.
+"""
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import tasks
+from common import Stage, aux_loss, count_trainable, inject
+from gpt import GPT, GPTConfig, load_pretrained, save_checkpoint
+from lora import LoRAConfig, LoRALinear
+from molora import MoLoRAConfig, MoLoRALinear
+
+METHODS = {
+    "lora": (LoRAConfig, LoRALinear),
+    "molora": (MoLoRAConfig, MoLoRALinear),
+}
+STAGES = {}  # method -> stages(cfg) -> list[Stage], for methods trained in stages (MoDULA, MoA)
+VARIANTS = {  # named presets: --variant NAME sets these config fields
+    "molora": {"soft": {}, "top2": {"top_k": 2}},
+}
+
+# ----------------------------------------------------------------------------- arguments
+p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+p.add_argument("--method", required=True, help=f"one of: {', '.join(METHODS)}")
+p.add_argument("--variant", default=None, help="a named preset of the method (e.g. molora: soft, top2)")
+p.add_argument("--cfg", action="append", default=[], metavar="FIELD=VALUE",
+               help="override a field of the method's config, e.g. --cfg rank=4 (repeatable)")
+p.add_argument("--steps", type=int, default=600, help="fine-tuning steps")
+p.add_argument("--pretrain-steps", type=int, default=1500, help="base-model pretraining steps")
+p.add_argument("--batch-size", type=int, default=64, help="sequences per step")
+p.add_argument("--lr", type=float, default=3e-3, help="peak fine-tuning learning rate")
+p.add_argument("--digits", type=int, default=6, help="L, digits per task input")
+p.add_argument("--n-layer", type=int, default=4, help="tiny GPT depth (when pretraining)")
+p.add_argument("--n-embd", type=int, default=128, help="tiny GPT width (when pretraining)")
+p.add_argument("--eval-examples", type=int, default=500, help="held-out examples per task")
+p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train")
+p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+p.add_argument("--init-from", default="scratch",
+               help="'scratch' (pretrain or reuse out/base) or a checkpoint / GPT-2 model.safetensors")
+p.add_argument("--out", default=None, help="output folder (default out/<method>)")
+p.add_argument("--seed", type=int, default=0, help="seed for data, init and order")
+args = p.parse_args()
+
+
+def fail(msg: str):
+    """A user's error: one line on stderr, exit status 1, nothing written."""
+    sys.exit(f"train.py: {msg}")
+
+
+def parse_value(text: str):
+    """--cfg values: JSON when it parses (4, 0.1, true, null, [8,6]), else the bare string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+if args.method not in METHODS:
+    fail(f"unknown method {args.method!r}; choose one of: {', '.join(METHODS)}")
+cfg_cls, layer_cls = METHODS[args.method]
+overrides = {}
+if args.variant is not None:
+    presets = VARIANTS.get(args.method, {})
+    if args.variant not in presets:
+        fail(f"unknown variant {args.variant!r} for {args.method}; choose one of: "
+             f"{', '.join(presets) or '(none)'}")
+    overrides.update(presets[args.variant])
+for item in args.cfg:
+    field, eq, value = item.partition("=")
+    if not eq:
+        fail(f"--cfg {item!r}: expected FIELD=VALUE")
+    value = parse_value(value)
+    overrides[field] = tuple(value) if isinstance(value, list) else value
+try:
+    cfg = cfg_cls(**overrides)
+except (TypeError, ValueError) as e:
+    fail(str(e))
+if args.device == "cuda" and not torch.cuda.is_available():
+    fail("--device cuda: no CUDA device is available")
+out_dir = args.out or os.path.join("out", args.method)
+
+# ----------------------------------------------------------------------------- seed and device
+torch.manual_seed(args.seed)
+device = torch.device(args.device)
+L, bs = args.digits, args.batch_size
+gen = torch.Generator().manual_seed(args.seed)             # data order, same on every device
+
+
+def batch_for(task_names):
+    """A training batch drawn uniformly from the named tasks: inputs, targets (B, T), task ids (B,)."""
+    ids = tasks.task_ids_for(task_names, bs, gen)
+    tokens, P = tasks.make_batch(ids, L, "train", gen)
+    x, y = tasks.lm_inputs(tokens, P)
+    return x.to(device), y.to(device), ids.to(device)
+
+
+def lm_loss(model, x, y):
+    logits = model(x)                                      # (B, T, V)
+    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+
+def lr_at(step, steps, peak, warmup_frac=0.05):
+    """Linear warm-up then cosine decay to 0 (METHODS.md 2(h).5)."""
+    warmup = max(1, int(warmup_frac * steps))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def train(model, params, task_names, steps, peak_lr, desc, extra_loss=lambda: 0.0,
+          on_batch=lambda ids: None):
+    """AdamW over `params` for `steps` steps on a mixture of `task_names`. Returns tokens/s."""
+    opt = torch.optim.AdamW(params, lr=peak_lr, weight_decay=0.0)
+    step_fn = torch.compile(model) if args.compile else model
+    model.train()
+    t0, bar = time.perf_counter(), tqdm(range(steps), desc=desc, dynamic_ncols=True)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, peak_lr)
+        x, y, ids = batch_for(task_names)
+        on_batch(ids)
+        loss = lm_loss(step_fn, x, y) + extra_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            value = loss.item()
+            if not math.isfinite(value):
+                fail(f"{desc}: loss is {value} at step {step}; nothing was written")
+            bar.set_postfix(loss=f"{value:.3f}")
+    model.eval()
+    return steps * bs * x.shape[1] / (time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------- base model
+if args.init_from == "scratch":
+    gpt_cfg = GPTConfig(vocab_size=tasks.VOCAB_SIZE, block_size=2 * L + 2, n_layer=args.n_layer,
+                        n_embd=args.n_embd, n_head=max(1, args.n_embd // 32))
+    key = json.dumps([dataclasses.asdict(gpt_cfg), args.pretrain_steps, args.seed], sort_keys=True)
+    base_path = os.path.join("out", "base", hashlib.sha1(key.encode()).hexdigest()[:10] + ".pt")
+    if os.path.exists(base_path):
+        model = load_pretrained(base_path)
+    else:                                                  # pretrain on the general task only
+        model = GPT(gpt_cfg).to(device)
+        train(model, list(model.parameters()), [tasks.GENERAL], args.pretrain_steps, 3e-3,
+              "pretrain base")
+        os.makedirs(os.path.dirname(base_path), exist_ok=True)
+        save_checkpoint(model, base_path)
+else:
+    try:
+        model = load_pretrained(args.init_from)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    if model.cfg.vocab_size < tasks.VOCAB_SIZE or model.cfg.block_size < 2 * L + 2:
+        fail(f"{args.init_from}: vocab {model.cfg.vocab_size} / block {model.cfg.block_size} too "
+             f"small for the tasks (need {tasks.VOCAB_SIZE} / {2 * L + 2})")
+model = model.to(device).eval()
+base_acc = {t: tasks.accuracy(model, t, 200, L) for t in tasks.ALL_TASKS}
+
+# ----------------------------------------------------------------------------- inject the method
+layers = inject(model, lambda linear, name: layer_cls(linear, cfg), cfg.targets)
+model.to(device)
+adapter = [q for q in model.parameters() if q.requires_grad]
+plan = STAGES[args.method](cfg) if args.method in STAGES else [
+    Stage("fine-tune", tasks.TASKS, params=lambda layers: adapter)]
+
+# ----------------------------------------------------------------------------- fine-tune
+stage_log, t_start, tokens, seconds = [], time.perf_counter(), 0.0, 0.0
+for stage in plan:
+    if stage.setup is not None:
+        stage.setup(layers)
+    params = stage.params(layers)
+    model.requires_grad_(False)
+    for q in params:
+        q.requires_grad_(True)
+    steps = max(1, round(stage.steps_frac * args.steps))
+    t0 = time.perf_counter()
+    tps = train(model, params, stage.tasks, steps, args.lr, f"{args.method} {stage.name}",
+                extra_loss=lambda: aux_loss(model) + (stage.extra_loss(layers) if stage.extra_loss else 0.0),
+                on_batch=lambda ids: stage.on_batch(layers, ids) if stage.on_batch else None)
+    dt = time.perf_counter() - t0
+    tokens, seconds = tokens + tps * dt, seconds + dt
+    stage_log.append({"stage": stage.name, "steps": steps, "seconds": round(dt, 2),
+                      "trainable_params": count_trainable(model)})
+for q in adapter:
+    q.requires_grad_(True)                                 # report the whole adapter as trainable
+tokens_per_second, wall = tokens / seconds, time.perf_counter() - t_start
+
+# ----------------------------------------------------------------------------- evaluate
+acc = {t: tasks.accuracy(model, t, args.eval_examples, L)
+       for t in tqdm(tasks.ALL_TASKS, desc="evaluate", dynamic_ncols=True)}
+
+# ----------------------------------------------------------------------------- results
+metrics = {
+    "method": args.method, "variant": args.variant, "config": dataclasses.asdict(cfg),
+    "per_task_accuracy": {t: acc[t] for t in tasks.TASKS},
+    "general_accuracy": acc[tasks.GENERAL],
+    "base_accuracy": base_acc,
+    "trainable_params": count_trainable(model),
+    "total_params": sum(q.numel() for q in model.parameters()),
+    "tokens_per_second": tokens_per_second, "steps": args.steps, "finetune_seconds": wall,
+    "stages": stage_log,
+    "seed": args.seed, "device": args.device,
+}
+print(f"\n{'task':<10} {'base':>6} {args.method:>8}")
+for t in tasks.ALL_TASKS:
+    label = f"{t}*" if t == tasks.GENERAL else t
+    print(f"{label:<10} {base_acc[t]:>6.1%} {acc[t]:>8.1%}")
+print(f"(* general task: the base was pretrained on it; a drop is forgetting)\n"
+      f"mean task accuracy {sum(metrics['per_task_accuracy'].values()) / len(tasks.TASKS):.1%}, "
+      f"trainable {metrics['trainable_params']:,} of {metrics['total_params']:,} parameters, "
+      f"{tokens_per_second:,.0f} tokens/s, fine-tune {wall:.0f}s")
+os.makedirs(out_dir, exist_ok=True)
+tmp = os.path.join(out_dir, "metrics.json.tmp")
+with open(tmp, "w") as f:
+    json.dump(metrics, f, indent=2)
+os.replace(tmp, os.path.join(out_dir, "metrics.json"))
+print(f"wrote {os.path.join(out_dir, 'metrics.json')}")
