@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import tasks
-from common import Stage, aux_loss, count_trainable, inject
+from common import Stage, aux_loss, count_trainable, inject, save_adapter
 from gpt import GPT, GPTConfig, load_pretrained, save_checkpoint
 from lora import LoRAConfig, LoRALinear
 from molora import MoLoRAConfig, MoLoRALinear
@@ -225,6 +225,9 @@ print(f"(* general task: the base was pretrained on it; a drop is forgetting)\n"
       f"trainable {metrics['trainable_params']:,} of {metrics['total_params']:,} parameters, "
       f"{tokens_per_second:,.0f} tokens/s, fine-tune {wall:.0f}s")
 os.makedirs(out_dir, exist_ok=True)
+save_adapter(model, os.path.join(out_dir, "adapter.safetensors"),
+             meta={"method": args.method, "variant": args.variant, "config": metrics["config"],
+                   "base": args.init_from if args.init_from != "scratch" else base_path})
 tmp = os.path.join(out_dir, "metrics.json.tmp")
 with open(tmp, "w") as f:
     json.dump(metrics, f, indent=2)
