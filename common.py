@@ -54,14 +54,20 @@ def check_field(cls: str, name: str, value, ok: bool, allowed: str):
 # ----------------------------------------------------------------------------- routing
 
 
+def _mix_dtype(x: torch.Tensor) -> torch.dtype:
+    """Gates are mixed in float32 at least: bf16/fp16 -> float32, float32/float64 unchanged."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def route(x: torch.Tensor, router: nn.Linear, top_k: int, renormalize: bool = True):
-    """Token routing: softmax over E in float32, then keep the top K (METHODS.md 1(b), 2(b)).
+    """Token routing: softmax over E in (at least) float32, then keep the top K (METHODS.md 1(b)).
 
     Returns logits (N, E), probs (N, E), dense gates (N, E) that are zero outside the top-k, and
     idx (N, K), the kept experts. With K == E the routing is soft: gates == probs, idx is None.
     Fixed shapes, no boolean masks: safe for torch.compile(fullgraph=True).
     """
-    logits = F.linear(x.float(), router.weight.float())            # (N, E), float32 (MoLoRA code)
+    dt = _mix_dtype(x)
+    logits = F.linear(x.to(dt), router.weight.to(dt))              # (N, E), >= float32 (MoLoRA code)
     probs = logits.softmax(-1)                                     # (N, E)
     if top_k == probs.shape[-1]:                                   # soft routing: every expert kept
         return logits, probs, probs, None
@@ -105,13 +111,13 @@ def dispatch_naive(x, A, B, gates, scaling, act: Callable | None = None):
     x (N, I); A (E, r, I) per expert or (r, I) shared; B (E, O, r); gates (N, E).
     Every expert runs on every token; top-k shows up only as zero gates.
     """
-    y = x.new_zeros(x.shape[0], B.shape[1], dtype=torch.float32)   # (N, O)
+    y = x.new_zeros(x.shape[0], B.shape[1], dtype=_mix_dtype(x))   # (N, O)
     for e in range(B.shape[0]):
         A_e = A if A.dim() == 2 else A[e]                          # (r, I)
         h = x @ A_e.T                                              # (N, r)
         if act is not None:
             h = act(h)
-        y = y + gates[:, e:e + 1] * (h @ B[e].T).float()           # (N, 1) * (N, O)
+        y = y + gates[:, e:e + 1] * (h @ B[e].T).to(y.dtype)       # (N, 1) * (N, O)
     return (scaling * y).to(x.dtype)
 
 
@@ -128,7 +134,7 @@ def dispatch_fused(x, A, B, gates, scaling, act: Callable | None = None):
         h = act(h)
     if h.dim() == 2:
         h = h[:, None, :]                                          # (N, 1, r), same z for every expert
-    h = (h.float() * gates[..., None]).to(x.dtype)                 # (N, E, r)
+    h = (h.to(_mix_dtype(x)) * gates[..., None]).to(x.dtype)      # (N, E, r)
     B_cat = B.permute(0, 2, 1).reshape(E * r, O)                   # (E*r, O), rows e*r..e*r+r-1 = B_e^T
     return scaling * (h.reshape(N, E * r) @ B_cat)                 # (N, O)
 
