@@ -172,6 +172,8 @@ model = model.to(device).eval()
 base_acc = {t: tasks.accuracy(model, t, 200, L) for t in tasks.ALL_TASKS}
 
 # ----------------------------------------------------------------------------- inject the method
+torch.manual_seed(args.seed)                               # the same adapter init and data order
+gen.manual_seed(args.seed + 1)                             # whether the base was pretrained or reused
 layers = inject(model, lambda linear, name: layer_cls(linear, cfg), cfg.targets)
 model.to(device)
 adapter = [q for q in model.parameters() if q.requires_grad]
