@@ -18,6 +18,7 @@ loop, `dispatch_fused` the same maths as two matmuls with no loop over experts.
 Not included: expert parallelism, capacity factors and token dropping, quantised bases,
 several adapters per layer.
 """
+import hashlib
 import json
 import math
 import os
@@ -237,37 +238,87 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             for p_name, p in mod.named_parameters() if not p_name.startswith("base.")}
 
 
+def base_hash(model: nn.Module) -> str:
+    """sha256 of the frozen base model: the name (as before inject), shape, dtype and bytes of every
+    state-dict tensor outside the adapters, in name order. The same before and after inject and on
+    any device; an adapter records it so that it is never loaded onto another base."""
+    adapted = [f"{n}." if n else "" for n, m in model.named_modules() if isinstance(m, AdaptedLinear)]
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        prefix = next((a for a in adapted if name.startswith(a)), None)
+        if prefix is not None:                                 # inside an adapted layer:
+            if not name.startswith(prefix + "base."):          # the adapter itself, skip
+                continue
+            name = prefix + name[len(prefix) + len("base."):]  # its frozen base, pre-inject name
+        h.update(f"{name} {tuple(t.shape)} {t.dtype};".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def save_adapter(model: nn.Module, path: str, meta: dict):
     """Adapter weights as safetensors, with `meta` (method, config, targets...) in the header.
-    Written to a temporary file and renamed, so a crash never leaves a half-written adapter."""
+    Written to a temporary file and renamed, so a crash never leaves a half-written adapter.
+    With "base_sha256": base_hash(model) and "layer" (the class name) in meta, load_adapter
+    refuses to load it onto another base model or into another method's layers."""
     from safetensors.torch import save_file
     tmp = f"{path}.tmp"
     save_file(adapter_state_dict(model), tmp, metadata={"meta": json.dumps(meta)})
     os.replace(tmp, path)
 
 
-def load_adapter(model: nn.Module, path: str) -> dict:
-    """Load weights saved by save_adapter into an already-injected model; returns its meta.
-    Raises FileNotFoundError / ValueError with one line naming the problem."""
+def _read_adapter(path: str, tensors: bool = True):
+    """(meta, {name: tensor}) from a save_adapter file; only the header when tensors=False."""
     from safetensors import safe_open
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such adapter file")
     try:
         with safe_open(path, framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("meta", "{}"))
-            saved = {k: f.get_tensor(k) for k in f.keys()}
+            saved = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
     except Exception as e:  # safetensors raises several types for a corrupt file
-        raise ValueError(f"{path}: not a readable adapter file ({e})") from e
+        why = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"{path}: not a readable adapter file ({why})") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: not a readable adapter file (its meta is not a JSON object)")
+    return meta, saved
+
+
+def adapter_meta(path: str) -> dict:
+    """The meta of a save_adapter file, without reading its tensors."""
+    return _read_adapter(path, tensors=False)[0]
+
+
+def load_adapter_state(model: nn.Module, saved: dict, where: str):
+    """Copy adapter tensors (names as adapter_state_dict) into an injected model. Every name and
+    shape is checked before the first copy, so a mismatch leaves the model untouched."""
     own = dict(model.named_parameters())
     expected = adapter_state_dict(model)
     missing, unexpected = expected.keys() - saved.keys(), saved.keys() - expected.keys()
     if missing or unexpected:
-        raise ValueError(f"{path}: adapter does not fit this model (missing {sorted(missing)[:3]}, "
+        raise ValueError(f"{where}: adapter does not fit this model (missing {sorted(missing)[:3]}, "
                          f"unexpected {sorted(unexpected)[:3]})")
+    for k, t in saved.items():
+        if own[k].shape != t.shape:
+            raise ValueError(f"{where}: shape mismatch for {k}: file {tuple(t.shape)}, "
+                             f"model {tuple(own[k].shape)}")
     with torch.no_grad():
         for k, t in saved.items():
-            if own[k].shape != t.shape:
-                raise ValueError(f"{path}: shape mismatch for {k}: file {tuple(t.shape)}, "
-                                 f"model {tuple(own[k].shape)}")
             own[k].copy_(t)
+
+
+def load_adapter(model: nn.Module, path: str) -> dict:
+    """Load weights saved by save_adapter into an already-injected model; returns its meta.
+    Checks the meta's "layer" and "base_sha256" when it has them, then every name and shape.
+    Raises FileNotFoundError / ValueError with one line naming the problem."""
+    meta, saved = _read_adapter(path)
+    layers = sorted({type(m).__name__ for m in model.modules() if isinstance(m, AdaptedLinear)})
+    if "layer" in meta and layers != [meta["layer"]]:
+        raise ValueError(f"{path}: adapter holds {meta['layer']} layers (method "
+                         f"{meta.get('method')!r}), this model has {', '.join(layers) or 'none'}")
+    have = base_hash(model) if "base_sha256" in meta else None
+    if have is not None and meta["base_sha256"] != have:
+        raise ValueError(f"{path}: adapter was trained on another base model (sha256 "
+                         f"{meta['base_sha256'][:12]}..., this one {have[:12]}...; "
+                         f"its base: {meta.get('base', 'unknown')})")
+    load_adapter_state(model, saved, path)
     return meta

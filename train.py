@@ -1,6 +1,8 @@
 """Fine-tune a tiny GPT with one mixture-of-LoRA method on the synthetic tasks, end to end.
 
     python train.py --method malora            # pretrain (or reuse) the base, fine-tune, evaluate
+    python train.py --method malora --resume   # continue from out/malora/ckpt.pt, same result
+    torchrun --nproc_per_node 2 train.py --method malora   # DistributedDataParallel, same result
 
 Sections: arguments, seed and device, base model, inject the method, fine-tune, evaluate, results.
 Writes out/<method>/metrics.json (and log.jsonl); the pretrained base is cached under out/base/.
@@ -15,14 +17,19 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import tasks
-from common import Stage, aux_loss, count_trainable, inject, save_adapter
+from common import (Stage, adapter_meta, adapter_state_dict, aux_loss, base_hash, count_trainable,
+                    inject, load_adapter, load_adapter_state, save_adapter)
 from gpt import GPT, GPTConfig, load_pretrained, save_checkpoint
 from lora import LoRAConfig, LoRALinear
 from molora import MoLoRAConfig, MoLoRALinear
+from trainutil import (global_mean, init_distributed, load_checkpoint, rng_state, save_atomic,
+                       set_rng_state)
 
 METHODS = {
     "lora": (LoRAConfig, LoRALinear),
@@ -53,6 +60,13 @@ p.add_argument("--init-from", default="scratch",
                help="'scratch' (pretrain or reuse out/base) or a checkpoint / GPT-2 model.safetensors")
 p.add_argument("--out", default=None, help="output folder (default out/<method>)")
 p.add_argument("--seed", type=int, default=0, help="seed for data, init and order")
+p.add_argument("--init-adapter", default=None, metavar="PATH",
+               help="start from an adapter.safetensors written by train.py (same method and base "
+                    "model; its config is the default); with --steps 0 it is only evaluated")
+p.add_argument("--ckpt-every", type=int, default=100,
+               help="steps between checkpoints (DIR/ckpt.pt; one also ends every stage)")
+p.add_argument("--resume", action="store_true",
+               help="continue from DIR/ckpt.pt; same arguments, same result as one run")
 args = p.parse_args()
 
 
@@ -72,7 +86,23 @@ def parse_value(text: str):
 if args.method not in METHODS:
     fail(f"unknown method {args.method!r}; choose one of: {', '.join(METHODS)}")
 cfg_cls, layer_cls = METHODS[args.method]
+for flag, minimum in [("steps", 0), ("pretrain_steps", 1), ("batch_size", 1), ("digits", 1),
+                      ("eval_examples", 1), ("ckpt_every", 1)]:
+    if getattr(args, flag) < minimum:
+        fail(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= {minimum}")
+if not 0 < args.lr < math.inf:
+    fail(f"--lr {args.lr}: must be a positive number")
 overrides = {}
+if args.init_adapter is not None:                          # the adapter's config is the default
+    try:
+        saved_meta = adapter_meta(args.init_adapter)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    if saved_meta.get("method") != args.method:
+        fail(f"{args.init_adapter}: adapter method is {saved_meta.get('method')!r}, "
+             f"this run's is {args.method!r}")
+    overrides.update({k: tuple(v) if isinstance(v, list) else v
+                      for k, v in saved_meta.get("config", {}).items()})
 if args.variant is not None:
     presets = VARIANTS.get(args.method, {})
     if args.variant not in presets:
@@ -95,17 +125,22 @@ out_dir = args.out or os.path.join("out", args.method)
 
 # ----------------------------------------------------------------------------- seed and device
 torch.manual_seed(args.seed)
-device = torch.device(args.device)
-L, bs = args.digits, args.batch_size
-gen = torch.Generator().manual_seed(args.seed)             # data order, same on every device
+rank, world, device = init_distributed(args.device)       # torchrun: one process per rank
+L, bs = args.digits, args.batch_size                      # bs: the global batch, over all ranks
+if bs % world:
+    fail(f"--batch-size {bs}: must be divisible by the number of processes ({world})")
+gen = torch.Generator().manual_seed(args.seed)             # data order, same on every device and rank
 
 
 def batch_for(task_names):
-    """A training batch drawn uniformly from the named tasks: inputs, targets (B, T), task ids (B,)."""
+    """This rank's share of a global batch drawn uniformly from the named tasks: inputs, targets
+    (B/world, T), task ids (B/world,). Every rank draws the whole batch from `gen` and keeps its
+    slice, so any number of processes trains on the data of one."""
     ids = tasks.task_ids_for(task_names, bs, gen)
     tokens, P = tasks.make_batch(ids, L, "train", gen)
     x, y = tasks.lm_inputs(tokens, P)
-    return x.to(device), y.to(device), ids.to(device)
+    mine = slice(rank * bs // world, (rank + 1) * bs // world)
+    return x[mine].to(device), y[mine].to(device), ids[mine].to(device)
 
 
 def lm_loss(model, x, y):
@@ -121,13 +156,22 @@ def lr_at(step, steps, peak, warmup_frac=0.05):
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
+last_good = "nothing was written"                          # named in the message of a failed run
+
+
 def train(model, params, task_names, steps, peak_lr, desc, extra_loss=lambda: 0.0,
-          on_batch=lambda ids: None):
-    """AdamW over `params` for `steps` steps on a mixture of `task_names`. Returns tokens/s."""
+          on_batch=lambda ids: None, start=0, opt_state=None, checkpoint=None):
+    """AdamW over `params` for steps start..steps-1 on a mixture of `task_names`. Returns tokens/s
+    and the last logged loss. checkpoint(done, opt) runs every --ckpt-every steps but the last."""
     opt = torch.optim.AdamW(params, lr=peak_lr, weight_decay=0.0)
-    step_fn = torch.compile(model) if args.compile else model
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
+    net = DDP(model) if world > 1 else model               # averages the gradients over ranks
+    step_fn = torch.compile(net) if args.compile else net
     model.train()
-    t0, bar = time.perf_counter(), tqdm(range(steps), desc=desc, dynamic_ncols=True)
+    t0, value = time.perf_counter(), math.nan
+    bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps, dynamic_ncols=True,
+               disable=rank > 0)
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, peak_lr)
@@ -137,19 +181,25 @@ def train(model, params, task_names, steps, peak_lr, desc, extra_loss=lambda: 0.
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % 50 == 0 or step == steps - 1:
-            value = loss.item()
+        save = checkpoint is not None and (step + 1) % args.ckpt_every == 0 and step < steps - 1
+        if step % 50 == 0 or step == steps - 1 or save:
+            value = global_mean(loss.detach(), world).item()  # the loss of the global batch
             if not math.isfinite(value):
-                fail(f"{desc}: loss is {value} at step {step}; nothing was written")
+                fail(f"{desc}: loss is {value} at step {step}; {last_good}")
             bar.set_postfix(loss=f"{value:.3f}")
+        if save:
+            checkpoint(step + 1, opt)
     model.eval()
-    return steps * bs * x.shape[1] / (time.perf_counter() - t0)
+    return (steps - start) * bs * x.shape[1] / (time.perf_counter() - t0), value
 
 
 # ----------------------------------------------------------------------------- base model
 if args.init_from == "scratch":
-    gpt_cfg = GPTConfig(vocab_size=tasks.VOCAB_SIZE, block_size=2 * L + 2, n_layer=args.n_layer,
-                        n_embd=args.n_embd, n_head=max(1, args.n_embd // 32))
+    try:
+        gpt_cfg = GPTConfig(vocab_size=tasks.VOCAB_SIZE, block_size=2 * L + 2, n_layer=args.n_layer,
+                            n_embd=args.n_embd, n_head=max(1, args.n_embd // 32))
+    except ValueError as e:
+        fail(str(e))
     key = json.dumps([dataclasses.asdict(gpt_cfg), args.pretrain_steps, args.seed], sort_keys=True)
     base_path = os.path.join("out", "base", hashlib.sha1(key.encode()).hexdigest()[:10] + ".pt")
     if os.path.exists(base_path):
@@ -158,8 +208,9 @@ if args.init_from == "scratch":
         model = GPT(gpt_cfg).to(device)
         train(model, list(model.parameters()), [tasks.GENERAL], args.pretrain_steps, 3e-3,
               "pretrain base")
-        os.makedirs(os.path.dirname(base_path), exist_ok=True)
-        save_checkpoint(model, base_path)
+        if rank == 0:
+            os.makedirs(os.path.dirname(base_path), exist_ok=True)
+            save_checkpoint(model, base_path)
 else:
     try:
         model = load_pretrained(args.init_from)
@@ -169,7 +220,7 @@ else:
         fail(f"{args.init_from}: vocab {model.cfg.vocab_size} / block {model.cfg.block_size} too "
              f"small for the tasks (need {tasks.VOCAB_SIZE} / {2 * L + 2})")
 model = model.to(device).eval()
-base_acc = {t: tasks.accuracy(model, t, 200, L) for t in tasks.ALL_TASKS}
+base_acc = {t: tasks.accuracy(model, t, 200, L) for t in tasks.ALL_TASKS} if rank == 0 else {}
 
 # ----------------------------------------------------------------------------- inject the method
 torch.manual_seed(args.seed)                               # the same adapter init and data order
@@ -179,28 +230,81 @@ model.to(device)
 adapter = [q for q in model.parameters() if q.requires_grad]
 plan = STAGES[args.method](cfg) if args.method in STAGES else [
     Stage("fine-tune", tasks.TASKS, params=lambda layers: adapter)]
+unknown = sorted({t for stage in plan for t in stage.tasks} - set(tasks.ALL_TASKS))
+if unknown:
+    fail(f"{args.method}: unknown task {unknown[0]!r}; the tasks are: {', '.join(tasks.ALL_TASKS)}")
+base_sha = base_hash(model)                                # kept in checkpoints and the adapter
+if args.init_adapter is not None:
+    try:
+        load_adapter(model, args.init_adapter)             # checks its base and layer class too
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
 
 # ----------------------------------------------------------------------------- fine-tune
-stage_log, t_start, tokens, seconds = [], time.perf_counter(), 0.0, 0.0
-for stage in plan:
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+run = json.loads(json.dumps({                              # what --resume needs unchanged
+    "method": args.method, "config": dataclasses.asdict(cfg), "steps": args.steps, "batch_size": bs,
+    "lr": args.lr, "digits": L, "seed": args.seed, "base_sha256": base_sha}))
+ckpt = {"stage": 0, "step": 0, "optimizer": None, "stage_log": [], "tokens": 0.0, "seconds": 0.0}
+if args.resume:
+    try:
+        ckpt = load_checkpoint(ckpt_path, run)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+stage_log, tokens, seconds, t_start = ckpt["stage_log"], ckpt["tokens"], ckpt["seconds"], time.perf_counter()
+os.makedirs(out_dir, exist_ok=True)
+
+
+def save_ckpt(i, done, opt):
+    """The state after `done` steps of stage i, all that --resume needs; rank 0 writes it atomically."""
+    global last_good
+    state = adapter_state_dict(model)
+    if not all(t.isfinite().all() for t in state.values()):
+        fail(f"{plan[i].name}: non-finite adapter weights after step {done}; {last_good}")
+    if rank == 0:
+        save_atomic({"run": run, "stage": i, "step": done, "adapter": state, "rng": rng_state(gen),
+                     "optimizer": opt and opt.state_dict(), "stage_log": stage_log,
+                     "tokens": tokens, "seconds": seconds}, ckpt_path)
+    last_good = f"kept the last good checkpoint {ckpt_path} ({plan[i].name}, step {done})"
+
+
+for i, stage in enumerate(plan):
     if stage.setup is not None:
-        stage.setup(layers)
+        stage.setup(layers)                                # also for done stages: their side effects
+    if i < ckpt["stage"]:
+        continue                                           # finished before the checkpoint
+    start = ckpt["step"] if i == ckpt["stage"] else 0
+    if args.resume and i == ckpt["stage"]:                 # back to the state after `start` steps
+        try:
+            load_adapter_state(model, ckpt["adapter"], ckpt_path)
+        except ValueError as e:
+            fail(str(e))
+        set_rng_state(ckpt["rng"], gen)
     params = stage.params(layers)
     model.requires_grad_(False)
     for q in params:
         q.requires_grad_(True)
-    steps = max(1, round(stage.steps_frac * args.steps))
+    steps = max(1, round(stage.steps_frac * args.steps)) if args.steps else 0   # --steps 0: evaluate
+    if start >= steps:
+        continue
     t0 = time.perf_counter()
-    tps = train(model, params, stage.tasks, steps, args.lr, f"{args.method} {stage.name}",
-                extra_loss=lambda: aux_loss(model) + (stage.extra_loss(layers) if stage.extra_loss else 0.0),
-                on_batch=lambda ids: stage.on_batch(layers, ids) if stage.on_batch else None)
+    tps, loss = train(model, params, stage.tasks, steps, args.lr, f"{args.method} {stage.name}",
+                      extra_loss=lambda: aux_loss(model) + (stage.extra_loss(layers) if stage.extra_loss else 0.0),
+                      on_batch=lambda ids: stage.on_batch(layers, ids) if stage.on_batch else None,
+                      start=start, opt_state=ckpt["optimizer"] if start else None,
+                      checkpoint=lambda done, opt: save_ckpt(i, done, opt))
     dt = time.perf_counter() - t0
     tokens, seconds = tokens + tps * dt, seconds + dt
     stage_log.append({"stage": stage.name, "steps": steps, "seconds": round(dt, 2),
-                      "trainable_params": count_trainable(model)})
+                      "trainable_params": count_trainable(model), "final_loss": loss})
+    save_ckpt(i, steps, None)                              # the stage is done
 for q in adapter:
     q.requires_grad_(True)                                 # report the whole adapter as trainable
-tokens_per_second, wall = tokens / seconds, time.perf_counter() - t_start
+tokens_per_second, wall = tokens / seconds if seconds else 0.0, time.perf_counter() - t_start
+if world > 1:
+    dist.destroy_process_group()
+if rank > 0:
+    sys.exit(0)                                            # rank 0 evaluates and writes the results
 
 # ----------------------------------------------------------------------------- evaluate
 acc = {t: tasks.accuracy(model, t, args.eval_examples, L)
@@ -216,7 +320,7 @@ metrics = {
     "total_params": sum(q.numel() for q in model.parameters()),
     "tokens_per_second": tokens_per_second, "steps": args.steps, "finetune_seconds": wall,
     "stages": stage_log,
-    "seed": args.seed, "device": args.device,
+    "seed": args.seed, "device": args.device, "processes": world,
 }
 print(f"\n{'task':<10} {'base':>6} {args.method:>8}")
 for t in tasks.ALL_TASKS:
@@ -226,9 +330,9 @@ print(f"(* general task: the base was pretrained on it; a drop is forgetting)\n"
       f"mean task accuracy {sum(metrics['per_task_accuracy'].values()) / len(tasks.TASKS):.1%}, "
       f"trainable {metrics['trainable_params']:,} of {metrics['total_params']:,} parameters, "
       f"{tokens_per_second:,.0f} tokens/s, fine-tune {wall:.0f}s")
-os.makedirs(out_dir, exist_ok=True)
 save_adapter(model, os.path.join(out_dir, "adapter.safetensors"),
              meta={"method": args.method, "variant": args.variant, "config": metrics["config"],
+                   "targets": list(cfg.targets), "layer": layer_cls.__name__, "base_sha256": base_sha,
                    "base": args.init_from if args.init_from != "scratch" else base_path})
 tmp = os.path.join(out_dir, "metrics.json.tmp")
 with open(tmp, "w") as f:
