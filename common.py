@@ -205,6 +205,16 @@ def inject(model: nn.Module, layer_factory: Callable[[nn.Linear, str], nn.Module
     return layers
 
 
+def layer_config(cfg, name: str, depth: int):
+    """The config of the adapted linear `name` (e.g. "blocks.3.attn.q") in a model of `depth`
+    blocks: cfg.for_layer(3, depth) for a method whose settings vary with depth (MoSLD's experts
+    per layer), else cfg itself. The block index is the first all-digit part of the name."""
+    if not hasattr(cfg, "for_layer"):
+        return cfg
+    index = next((int(part) for part in name.split(".") if part.isdigit()), 0)
+    return cfg.for_layer(index, depth)
+
+
 def count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 

@@ -24,20 +24,27 @@ from tqdm import tqdm
 
 import tasks
 from common import (Stage, adapter_meta, adapter_state_dict, aux_loss, base_hash, count_trainable,
-                    inject, load_adapter, load_adapter_state, save_adapter)
+                    inject, layer_config, load_adapter, load_adapter_state, save_adapter)
 from gpt import GPT, GPTConfig, load_pretrained, save_checkpoint
 from lora import LoRAConfig, LoRALinear
+from malora import MALORA_SMALL, MALoRAConfig, MALoRALinear
 from molora import MoLoRAConfig, MoLoRALinear
+from mosld import MoSLDConfig, MoSLDLinear
 from trainutil import (global_mean, init_distributed, load_checkpoint, rng_state, save_atomic,
                        set_rng_state)
 
 METHODS = {
     "lora": (LoRAConfig, LoRALinear),
     "molora": (MoLoRAConfig, MoLoRALinear),
+    "mosld": (MoSLDConfig, MoSLDLinear),
+    "malora": (MALoRAConfig, MALoRALinear),
 }
 STAGES = {}  # method -> stages(cfg) -> list[Stage], for methods trained in stages (MoDULA, MoA)
 VARIANTS = {  # named presets: --variant NAME sets these config fields
     "molora": {"soft": {}, "top2": {"top_k": 2}},
+    "mosld": {"decreasing": {}, "increasing": {"num_experts": (2, 4, 6, 8)},   # §4.3 vs §5.2
+              "mosl": {"drop_a": 0.0}, "drop-b": {"drop_a": 0.0, "drop_b": 0.1}},  # Tables 1-2
+    "malora": {"default": {}, "small": MALORA_SMALL},
 }
 
 # ----------------------------------------------------------------------------- arguments
@@ -225,7 +232,11 @@ base_acc = {t: tasks.accuracy(model, t, 200, L) for t in tasks.ALL_TASKS} if ran
 # ----------------------------------------------------------------------------- inject the method
 torch.manual_seed(args.seed)                               # the same adapter init and data order
 gen.manual_seed(args.seed + 1)                             # whether the base was pretrained or reused
-layers = inject(model, lambda linear, name: layer_cls(linear, cfg), cfg.targets)
+depth = model.cfg.n_layer                                  # per-layer configs: MoSLD's experts by depth
+try:
+    layers = inject(model, lambda lin, name: layer_cls(lin, layer_config(cfg, name, depth)), cfg.targets)
+except ValueError as e:                                    # a config that does not fit this model
+    fail(str(e))
 model.to(device)
 adapter = [q for q in model.parameters() if q.requires_grad]
 plan = STAGES[args.method](cfg) if args.method in STAGES else [

@@ -1,0 +1,128 @@
+"""MALoRA: fused vs naive (outputs and every gradient), the SVD init with beta, the zero update at
+init, the lambda relation, config errors, and a tiny train.py run."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+from common import lora_uniform_, route
+from malora import MALORA_SMALL, MALoRAConfig, MALoRALinear, malora_num_params
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make(I=37, O=53, E=5, K=2, r=4, S=9, seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = MALoRAConfig(num_experts=E, top_k=K, rank=r, shared_rank=S, **kw)
+    layer = MALoRALinear(nn.Linear(I, O), cfg).double()
+    nn.init.normal_(layer.lora_B)                     # B = 0 would make the comparisons trivial
+    return layer
+
+
+def out_and_grads(layer, fn, x, dy, seed=None):
+    if seed is not None:
+        torch.manual_seed(seed)                       # the same dropout mask on both paths
+    x = x.clone().requires_grad_()
+    y = fn(x)
+    names, params = zip(*[(n, p) for n, p in layer.named_parameters() if p.requires_grad])
+    assert names == ("shared_A", "lora_P", "lora_B", "router.weight")
+    return [y, *torch.autograd.grad(y, [x, *params], dy)]
+
+
+@pytest.mark.parametrize("K", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("training", [False, True])
+def test_fused_matches_naive(K, training):
+    layer = make(K=K, dropout=0.2).train(training)
+    x, dy = torch.randn(7, 37).double(), torch.randn(7, 53).double()
+    ref = out_and_grads(layer, layer.forward_naive, x, dy, seed=1)
+    out = out_and_grads(layer, layer.forward, x, dy, seed=1)
+    for name, a, b in zip(("y", "x", "shared_A", "lora_P", "lora_B", "router"), ref, out):
+        torch.testing.assert_close(b, a, msg=lambda m: f"{name}: {m}")
+
+
+def test_update_is_zero_after_reset():
+    layer = make()
+    layer.reset_parameters()
+    x = torch.randn(2, 5, 37).double()
+    torch.testing.assert_close(layer(x), layer.base(x))
+    torch.testing.assert_close(layer.forward_naive(x), layer.base(x))
+
+
+def test_delta_weight_matches_forward():
+    layer = make(K=5).eval()                           # soft: every expert in every token
+    x = torch.randn(4, 37).double()
+    gates = route(x, layer.router, 5)[2]
+    dW = torch.stack([layer.delta_weight(e) for e in range(5)])            # (E, O, I)
+    expect = torch.einsum("ne,eoi,ni->no", gates, dW, x)
+    torch.testing.assert_close(layer(x) - layer.base(x), expect)
+
+
+@pytest.mark.parametrize("beta", [1.0, 2.5])
+def test_svd_init(beta):
+    """S_A = beta V_0 with orthonormal rows; P_t = (U_t Sigma_t)[:r] / beta (Eq. 8-10)."""
+    E, r, S, I = 4, 5, 9, 37
+    layer = MALoRALinear(nn.Linear(I, 11), MALoRAConfig(num_experts=E, rank=r, shared_rank=S, beta=beta))
+    torch.manual_seed(7)
+    layer.reset_parameters()
+    torch.manual_seed(7)
+    K = lora_uniform_(torch.empty(E, S, I))           # the same Kaiming draws, (E, S, I)
+    U, sigma, V = torch.linalg.svd(K, full_matrices=False)
+    SA, P = layer.shared_A.detach(), layer.lora_P.detach()
+    torch.testing.assert_close(SA @ SA.T, beta ** 2 * torch.eye(S))   # rows: orthogonal, norm beta
+    torch.testing.assert_close(SA, beta * V[0])
+    torch.testing.assert_close(P, (U * sigma[:, None, :])[:, :r] / beta)
+    # beta cancels in expert 0's down-projection: P_0 S_A = (U_0 Sigma_0 V_0)[:r] = K_0[:r]
+    torch.testing.assert_close(P[0] @ SA, K[0, :r], atol=1e-5, rtol=1e-5)
+    assert (layer.lora_B == 0).all()
+
+
+def test_init_lets_every_expert_reach_rank_r():
+    layer = make(r=4, S=9)
+    with torch.no_grad():
+        ranks = [torch.linalg.matrix_rank(layer.lora_P[t] @ layer.shared_A).item() for t in range(5)]
+    assert ranks == [4] * 5
+
+
+def test_from_molora_gives_the_defaults():
+    assert MALoRAConfig.from_molora(rank=8, num_experts=8, lam=0.5) == MALoRAConfig()
+    cfg = MALoRAConfig()
+    assert (cfg.shared_rank, cfg.rank, cfg.alpha / cfg.rank) == (32, 12, 2.0)   # §4.1, Table 8
+    small = MALoRAConfig(**MALORA_SMALL)
+    assert (small.rank, small.shared_rank, small.alpha / small.rank) == (8, 22, 2.0)
+
+
+def test_balance_loss_with_top_k():
+    layer = make(E=5, K=2)
+    layer(torch.randn(9, 37).double())
+    assert layer.aux is not None and 1 <= layer.aux.item() <= 5
+
+
+@pytest.mark.parametrize("bad", [dict(shared_rank=8), dict(rank=0), dict(num_experts=0), dict(top_k=9),
+                                 dict(beta=0.0), dict(dropout=1.0), dict(aux_loss_coef=-0.1)])
+def test_config_errors_name_the_field(bad):
+    (field, value), = bad.items()
+    with pytest.raises(ValueError, match=rf"MALoRAConfig\.{field}={value!r}"):
+        MALoRAConfig(**bad)
+
+
+def test_shared_rank_must_fit_the_layer():
+    with pytest.raises(ValueError, match=r"MALoRAConfig\.shared_rank=32.*in_features \(16\)"):
+        MALoRALinear(nn.Linear(16, 16), MALoRAConfig())
+
+
+def test_train_smoke(tmp_path):
+    cmd = [sys.executable, os.path.join(REPO, "train.py"), "--method", "malora", "--variant", "small",
+           "--steps", "5", "--pretrain-steps", "5", "--n-layer", "1", "--n-embd", "32",
+           "--batch-size", "8", "--eval-examples", "10", "--digits", "3", "--out", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    cfg = MALoRAConfig(**MALORA_SMALL)                 # q, k, v (32 -> 32), up (32 -> 128), down (128 -> 32)
+    expect = 3 * malora_num_params(32, 32, cfg) + malora_num_params(32, 128, cfg) \
+        + malora_num_params(128, 32, cfg)
+    assert m["trainable_params"] == expect
