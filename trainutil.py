@@ -71,8 +71,12 @@ def load_checkpoint(path: str, run: dict) -> dict:
         raise ValueError(f"{path}: unreadable checkpoint ({type(e).__name__}: {why})") from e
     if not isinstance(ckpt, dict) or not {"run", "stage", "step", "adapter"} <= ckpt.keys():
         raise ValueError(f"{path}: not a training checkpoint written by train.py")
+    saved = ckpt["run"]
     for key, now in run.items():
-        if ckpt["run"].get(key) != now:
-            raise ValueError(f"--resume: {path} was written with {key}={ckpt['run'].get(key)!r}, "
-                             f"this run has {key}={now!r}")
+        was = saved.get(key)
+        if isinstance(was, dict) and isinstance(now, dict):      # name the config field that differs
+            key, was, now = next(((f"{key}.{k}", was.get(k), now.get(k)) for k in {**was, **now}
+                                  if was.get(k) != now.get(k)), (key, was, now))
+        if was != now:
+            raise ValueError(f"--resume: {path} was written with {key}={was!r}, this run has {key}={now!r}")
     return ckpt
