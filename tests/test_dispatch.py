@@ -1,0 +1,193 @@
+"""Tests for the dispatch paths of common.py: dispatch_grouped and dispatch_auto against the
+naive loop (outputs and every gradient, float64, odd shapes), dispatch_fused under
+torch.compile(fullgraph=True), bf16 inputs mixed in float32, and a smoke run of bench.py."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+from common import dispatch_auto, dispatch_fused, dispatch_grouped, dispatch_naive
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def routed(N, I, O, E, K, r, shared=False, dtype=torch.float64, device="cpu", seed=0):
+    """Inputs of one routed dispatch. The kept gate values `top` (N, K) are the leaf, and gates
+    (N, E) are built from them as common.route does, so the gate gradient is the one a layer sees."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, I, generator=g, dtype=dtype)                        # (N, I)
+    A = torch.randn(*(() if shared else (E,)), r, I, generator=g, dtype=dtype) / I ** 0.5
+    B = torch.randn(E, O, r, generator=g, dtype=dtype) / r ** 0.5          # not zero: see STYLE 12
+    probs = torch.rand(N, E, generator=g, dtype=torch.float64).softmax(-1)
+    top, idx = probs.topk(K, dim=-1)                                       # (N, K), (N, K)
+    dy = torch.randn(N, O, generator=g, dtype=dtype)                       # (N, O)
+    leaves = [t.to(device).requires_grad_() for t in (x, A, B, top.to(dtype))]
+    return leaves, idx.to(device), dy.to(device)
+
+
+def out_and_grads(fn, x, A, B, top, idx, dy):
+    gates = torch.zeros(top.shape[0], B.shape[0], dtype=top.dtype, device=top.device)
+    y = fn(x, A, B, gates.scatter(-1, idx, top), idx)                      # (N, O)
+    return [y, *torch.autograd.grad(y, [x, A, B, top], dy)]
+
+
+def naive(x, A, B, gates, idx, act=None):
+    return dispatch_naive(x, A, B, gates, 0.7, act)
+
+
+def grouped(x, A, B, gates, idx, act=None):
+    return dispatch_grouped(x, A, B, gates, idx, 0.7, act)
+
+
+# ----------------------------------------------------------------------------- grouped == naive
+
+
+@pytest.mark.parametrize("K", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("act", [None, F.leaky_relu])
+def test_grouped_matches_naive(K, shared, act):
+    (x, A, B, top), idx, dy = routed(N=11, I=37, O=53, E=5, K=K, r=3, shared=shared)
+    ref = out_and_grads(lambda *a: naive(*a, act=act), x, A, B, top, idx, dy)
+    out = out_and_grads(lambda *a: grouped(*a, act=act), x, A, B, top, idx, dy)
+    for name, o, rf in zip(["y", "x", "A", "B", "gates"], out, ref):
+        torch.testing.assert_close(o, rf, msg=lambda m: f"{name}: {m}")
+
+
+def test_grouped_one_token_and_an_expert_with_no_tokens():
+    (x, A, B, top), idx, dy = routed(N=1, I=8, O=6, E=4, K=2, r=2)        # two experts get nothing
+    for o, rf in zip(out_and_grads(grouped, x, A, B, top, idx, dy),
+                     out_and_grads(naive, x, A, B, top, idx, dy)):
+        torch.testing.assert_close(o, rf)
+
+
+def test_grouped_all_tokens_on_one_expert():
+    (x, A, B, top), _, dy = routed(N=9, I=7, O=5, E=6, K=1, r=2)
+    idx = torch.full((9, 1), 4)                                            # one block of 9, five empty
+    for o, rf in zip(out_and_grads(grouped, x, A, B, top, idx, dy),
+                     out_and_grads(naive, x, A, B, top, idx, dy)):
+        torch.testing.assert_close(o, rf)
+
+
+# ----------------------------------------------------------------------------- dispatch_auto
+
+
+@pytest.mark.parametrize("E,K,expect", [(8, 1, "grouped"), (4, 2, "fused"), (5, 5, "fused")])
+def test_auto_picks_by_the_crossover(monkeypatch, E, K, expect):
+    monkeypatch.setitem(common.GROUPED_FROM_E_OVER_K, "cpu", 8)               # pin it for the test
+    calls = []
+    monkeypatch.setattr(common, "dispatch_grouped", lambda *a: calls.append("grouped") or dispatch_grouped(*a))
+    monkeypatch.setattr(common, "dispatch_fused", lambda *a: calls.append("fused") or dispatch_fused(*a))
+    (x, A, B, top), idx, dy = routed(N=6, I=10, O=9, E=E, K=K, r=2)
+    out = out_and_grads(lambda x, A, B, g, i: dispatch_auto(x, A, B, g, 0.7, idx=i), x, A, B, top, idx, dy)
+    assert calls == [expect]
+    for o, rf in zip(out, out_and_grads(naive, x, A, B, top, idx, dy)):
+        torch.testing.assert_close(o, rf)
+
+
+def test_auto_without_idx_is_fused():
+    (x, A, B, top), idx, _ = routed(N=6, I=10, O=9, E=64, K=1, r=2)
+    gates = torch.zeros(6, 64, dtype=top.dtype).scatter(-1, idx, top)
+    torch.testing.assert_close(dispatch_auto(x, A, B, gates, 0.7), dispatch_fused(x, A, B, gates, 0.7))
+
+
+# ----------------------------------------------------------------------------- compile
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_fused_compiles_whole_forward_and_backward(shared):
+    """fullgraph=True raises on any graph break; aot_eager traces the backward as well, fast."""
+    torch._dynamo.reset()
+    fn = torch.compile(dispatch_fused, fullgraph=True, backend="aot_eager")
+    (x, A, B, top), idx, dy = routed(N=7, I=12, O=10, E=4, K=2, r=3, shared=shared, dtype=torch.float32)
+    wrap = lambda f: lambda x, A, B, g, i: f(x, A, B, g, 0.7)             # noqa: E731
+    for o, rf in zip(out_and_grads(wrap(fn), x, A, B, top, idx, dy),
+                     out_and_grads(wrap(dispatch_fused), x, A, B, top, idx, dy)):
+        torch.testing.assert_close(o, rf)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_compiles_with_inductor_on_cuda(dtype):
+    torch._dynamo.reset()
+    fn = torch.compile(dispatch_fused, fullgraph=True)                     # inductor, Triton kernels
+    (x, A, B, top), idx, dy = routed(N=256, I=64, O=96, E=8, K=2, r=8, dtype=dtype, device="cuda")
+    wrap = lambda f: lambda x, A, B, g, i: f(x, A, B, g, 0.7)             # noqa: E731
+    tol = {} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    for o, rf in zip(out_and_grads(wrap(fn), x, A, B, top, idx, dy),
+                     out_and_grads(wrap(dispatch_fused), x, A, B, top, idx, dy)):
+        torch.testing.assert_close(o, rf, **tol)
+
+
+@needs_cuda
+def test_grouped_on_cuda_bf16_matches_naive():
+    """bf16 with I, O, r multiples of 8: torch._grouped_mm on sm90+, the padded bmm elsewhere."""
+    (x, A, B, top), idx, dy = routed(N=300, I=64, O=96, E=8, K=2, r=8, dtype=torch.bfloat16, device="cuda")
+    ref = out_and_grads(naive, *(t.detach().double().requires_grad_() for t in (x, A, B, top)),
+                        idx, dy.double())
+    for o, rf in zip(out_and_grads(grouped, x, A, B, top, idx, dy), ref):
+        torch.testing.assert_close(o.double(), rf, rtol=3e-2, atol=3e-2 * rf.abs().max().item())
+
+
+# ----------------------------------------------------------------------------- bf16 mixing
+
+
+def bf16(t):
+    return t.to(torch.bfloat16).double()
+
+
+def test_fused_bf16_mixes_gates_in_float32():
+    """With bf16 x, A, B and float32 gates, dispatch_fused rounds to bf16 exactly three times:
+    h = x A^T (the matmul's output), the gated h * g (formed in float32, rounded once) and y.
+    The emulation below does those three roundings on float64 maths. Stated tolerance: every
+    element within one bf16 step (2^-7 relative) of it and at most 1% not bit-equal (float32
+    accumulation can send a rounding the other way). Mixing in bf16 (g rounded to bf16 first)
+    differs in about 45% of the elements here, by up to several times |y|."""
+    (x, A, B, top), idx, _ = routed(N=64, I=32, O=48, E=6, K=3, r=4, dtype=torch.float32)
+    x, A, B = (t.detach().bfloat16() for t in (x, A, B))
+    gates = torch.zeros(64, 6).scatter(-1, idx, top.detach() / 3)          # (N, E) float32
+    y = dispatch_fused(x, A, B, gates, 0.7)
+    assert y.dtype == torch.bfloat16
+    h = bf16(torch.einsum("ni,eri->ner", x.double(), A.double()))         # (N, E, r)
+    hg = bf16(h * (0.7 * gates.double())[..., None])                      # (N, E, r), one rounding
+    ref = bf16(torch.einsum("ner,eor->no", hg, B.double()))                # (N, O)
+    rel = (y.double() - ref).abs() / ref.abs().clamp_min(1e-30)
+    assert rel.max().item() <= 2 ** -7, rel.max().item()
+    assert (y.double() != ref).float().mean().item() <= 0.01
+
+
+@pytest.mark.parametrize("path", [dispatch_fused, "grouped"])
+def test_bf16_inputs_close_to_float64(path):
+    """Against float64 maths on the same (bf16-rounded) inputs: within 2^-6 of the largest |y|."""
+    (x, A, B, top), idx, _ = routed(N=64, I=32, O=48, E=6, K=2, r=8, dtype=torch.float32)
+    x, A, B = (t.detach().bfloat16() for t in (x, A, B))
+    gates = torch.zeros(64, 6).scatter(-1, idx, top.detach())
+    y = (dispatch_fused(x, A, B, gates, 0.7) if path is dispatch_fused
+         else dispatch_grouped(x, A, B, gates, idx, 0.7))
+    ref = dispatch_naive(x.double(), A.double(), B.double(), gates.double(), 0.7)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), ref, rtol=0, atol=2 ** -6 * ref.abs().max().item())
+
+
+# ----------------------------------------------------------------------------- bench.py
+
+
+def test_bench_smoke_json():
+    """bench.py runs every row on tiny sizes and prints one JSON document; no timing is checked."""
+    cmd = [sys.executable, "bench.py", "--tokens", "64", "--dim", "16", "--experts", "4",
+           "--rank", "2", "--repeats", "1", "--warmup", "0", "--json"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    doc = json.loads(out.stdout)
+    rows = {(row["method"], row["variant"]) for row in doc["layer"][0]["rows"]}
+    assert {("base", "frozen base"), ("base", "single LoRA r=8"), ("base", "router"),
+            ("molora", "fused"), ("molora", "naive dense"), ("molora", "naive sparse"),
+            ("molora", "grouped")} <= rows
+    gflop = {(row["method"], row["variant"]): row["adapter_gflop"] for row in doc["layer"][0]["rows"]}
+    assert 0 < gflop[("molora", "grouped")] < gflop[("molora", "fused")]   # K=2 of E=4 experts
+    assert "fused/single_lora" in doc["layer"][0]["ratios"]["molora"]
