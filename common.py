@@ -217,6 +217,19 @@ def dispatch_auto(x, A, B, gates, scaling, act: Callable | None = None, idx=None
     return dispatch_fused(x, A, B, gates, scaling, act)
 
 
+def dispatch_gathered(x, A, B, idx, scaling):
+    """One expert per sequence (MoA, METHODS.md 5(a)): y_b = scaling * B_k A_k x_b, k = idx[b].
+
+    x (B, T, I); A (E, r, I); B (E, O, r); idx (B,). Gathers each sequence's A and B and applies
+    them with batched matmuls: one LoRA's work per token whatever E is (dispatch_fused with one-hot
+    gates does E times that), plus a copy of B r (I + O) weights shared by the T tokens of a
+    sequence. No loop over sequences; torch.compile-friendly. Reference: dispatch_naive with
+    one-hot gates.
+    """
+    h = torch.einsum("bti,bri->btr", x, A[idx])                    # (B, T, r)
+    return scaling * torch.einsum("btr,bor->bto", h, B[idx])       # (B, T, O)
+
+
 # fullgraph=True is safe: no branch on tensor values and no .item(), so dispatch is one graph.
 # Compiling is lazy: nothing happens until the first call, on the device of its inputs.
 dispatch_compiled = torch.compile(dispatch_fused, fullgraph=True, dynamic=False)
@@ -310,9 +323,31 @@ class Stage:
     tasks: tuple                                     # the data mixture (task names, tasks.py)
     params: Callable[[list], list]                   # layers -> the parameters this stage trains
     setup: Callable[[list], None] | None = None      # layers -> None, e.g. switch a forward mode
-    on_batch: Callable | None = None                 # (layers, task_ids (B,)) -> None, per batch
+    on_batch: Callable | None = None                 # (layers, domain_ids (B,)) -> None, per batch;
+                                                     # ids index the run's domains, -1 = general task
     extra_loss: Callable[[list], torch.Tensor] | None = None   # layers -> loss added to the LM loss
     steps_frac: float = 1.0                          # share of --steps this stage runs
+
+
+def stage_mode(active) -> Callable[[list], None]:
+    """A Stage.setup that sets `layer.active = active` on every layer: which experts the stage's
+    forward uses (MoDULA, MoA: None = routed, an index = that domain expert alone)."""
+    def setup(layers):
+        for layer in layers:
+            layer.active = active
+    return setup
+
+
+def append_expert(layer: nn.Module):
+    """Grow a layer with stacked experts (lora_A (E, r, .), lora_B (E, O, r), router (E', I)) by
+    one expert: A new from lora_uniform_, B = 0 (its update starts at 0), and one router row, the
+    mean of the old rows (METHODS.md 4(c)). The old experts and rows are copied bit for bit."""
+    A, B, W = layer.lora_A.detach(), layer.lora_B.detach(), layer.router.weight.detach()
+    layer.lora_A = nn.Parameter(torch.cat([A, lora_uniform_(A.new_empty(1, *A.shape[1:]))]))
+    layer.lora_B = nn.Parameter(torch.cat([B, B.new_zeros(1, *B.shape[1:])]))
+    layer.router = nn.Linear(W.shape[1], W.shape[0] + 1, bias=False).to(W)
+    with torch.no_grad():
+        layer.router.weight.copy_(torch.cat([W, W.mean(0, keepdim=True)]))    # (E'+1, I)
 
 
 # ----------------------------------------------------------------------------- save / load

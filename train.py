@@ -24,12 +24,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import tasks
-from common import (Stage, adapter_meta, adapter_state_dict, aux_loss, base_hash, count_trainable,
-                    inject, layer_config, load_adapter, load_adapter_state, save_adapter)
+from common import (Stage, adapter_meta, adapter_state_dict, append_expert, aux_loss, base_hash,
+                    count_trainable, inject, layer_config, load_adapter, load_adapter_state,
+                    save_adapter)
 from gpt import GPT, GPTConfig, load_pretrained, save_checkpoint
 from lora import LoRAConfig, LoRALinear
 from malora import MALORA_SMALL, MALoRAConfig, MALoRALinear
-from molora import MoLoRAConfig, MoLoRALinear
+from moa import MoAConfig, MoALinear, moa_metrics, moa_stages
+from modula import MoDULAConfig, MoDULALinear, modula_stages
+from molora import MoLoRAConfig, MoLoRALinear, molora_num_params
 from mosld import MoSLDConfig, MoSLDLinear
 from trainutil import (global_mean, init_distributed, load_checkpoint, rng_state, save_atomic,
                        set_rng_state)
@@ -39,13 +42,22 @@ METHODS = {
     "molora": (MoLoRAConfig, MoLoRALinear),
     "mosld": (MoSLDConfig, MoSLDLinear),
     "malora": (MALoRAConfig, MALoRALinear),
+    "modula": (MoDULAConfig, MoDULALinear),
+    "moa": (MoAConfig, MoALinear),
 }
-STAGES = {}  # method -> stages(cfg) -> list[Stage], for methods trained in stages (MoDULA, MoA)
+STAGES = {  # method -> stages(cfg, domains, general task, new domain or None) -> list[Stage]
+    "modula": modula_stages, "moa": moa_stages,
+}
+EXTRA_METRICS = {  # method -> fn(model, layers, x (B, T), domain ids (B,)) -> dict, after evaluation
+    "moa": moa_metrics,
+}
 VARIANTS = {  # named presets: --variant NAME sets these config fields
     "molora": {"soft": {}, "top2": {"top_k": 2}},
     "mosld": {"decreasing": {}, "increasing": {"num_experts": (2, 4, 6, 8)},   # §4.3 vs §5.2
               "mosl": {"drop_a": 0.0}, "drop-b": {"drop_a": 0.0, "drop_b": 0.1}},  # Tables 1-2
     "malora": {"default": {}, "small": MALORA_SMALL},
+    "modula": {"res": {"variant": "res"}, "flan": {"variant": "flan"}},
+    "moa": {"sequence": {}, "token": {"routing": "token"}},
 }
 
 # ----------------------------------------------------------------------------- arguments
@@ -71,6 +83,11 @@ p.add_argument("--seed", type=int, default=0, help="seed for data, init and orde
 p.add_argument("--init-adapter", default=None, metavar="PATH",
                help="start from an adapter.safetensors written by train.py (same method and base "
                     "model; its config is the default); with --steps 0 it is only evaluated")
+p.add_argument("--exclude-task", action="append", default=[], metavar="TASK",
+               help="leave a task out of fine-tuning (repeatable), e.g. to --add-domain it later")
+p.add_argument("--add-domain", default=None, metavar="TASK",
+               help="staged methods: grow the --init-adapter by one expert for TASK, then train "
+                    "only that expert and the routers")
 p.add_argument("--ckpt-every", type=int, default=100,
                help="steps between checkpoints (DIR/ckpt.pt; one also ends every stage)")
 p.add_argument("--resume", action="store_true",
@@ -123,6 +140,19 @@ for item in args.cfg:
         fail(f"--cfg {item!r}: expected FIELD=VALUE")
     value = parse_value(value)
     overrides[field] = tuple(value) if isinstance(value, list) else value
+for t in [*args.exclude_task, *[args.add_domain] * bool(args.add_domain)]:
+    if t not in tasks.TASKS:
+        fail(f"unknown task {t!r}; choose one of: {', '.join(tasks.TASKS)}")
+if args.add_domain and (args.method not in STAGES or args.init_adapter is None):
+    fail(f"--add-domain needs --init-adapter and a method with domain experts ({', '.join(STAGES)})")
+domains = tuple(t for t in tasks.TASKS if t not in args.exclude_task and t != args.add_domain)
+if not domains:
+    fail("--exclude-task: no task left to fine-tune on")
+if args.init_adapter is not None and saved_meta.get("tasks", list(domains)) != list(domains):
+    fail(f"{args.init_adapter}: trained on tasks {saved_meta['tasks']}, this run has {list(domains)}")
+known = {f.name for f in dataclasses.fields(cfg_cls)}   # fields the run decides, if the config has them
+run_fields = {"num_domains": len(domains), "prompt_len": args.digits + 2}
+overrides = {**{k: v for k, v in run_fields.items() if k in known}, **overrides}
 try:
     cfg = cfg_cls(**overrides)
 except (TypeError, ValueError) as e:
@@ -239,15 +269,26 @@ try:
 except ValueError as e:                                    # a config that does not fit this model
     fail(str(e))
 model.to(device)
-adapter = [q for q in model.parameters() if q.requires_grad]
-plan = STAGES[args.method](cfg) if args.method in STAGES else [
-    Stage("fine-tune", tasks.TASKS, params=lambda layers: adapter)]
 base_sha = base_hash(model)                                # kept in checkpoints and the adapter
 if args.init_adapter is not None:
     try:
         load_adapter(model, args.init_adapter)             # checks its base and layer class too
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
+added = {}                                                 # the --add-domain report
+if args.add_domain:                                        # METHODS.md 4(c), 5(a)-(d)
+    added["accuracy_before"] = {t: tasks.accuracy(model, t, args.eval_examples, L)
+                               for t in tasks.ALL_TASKS} if rank == 0 else {}
+    for layer in layers:
+        append_expert(layer)                               # one more expert and router row each
+    domains += (args.add_domain,)
+    cfg = dataclasses.replace(cfg, num_domains=len(domains))
+    grown = {k: v.clone() for k, v in adapter_state_dict(model).items()}   # to count what changes
+adapter = [q for q in model.parameters() if q.requires_grad]
+plan = STAGES[args.method](cfg, domains, tasks.GENERAL, args.add_domain) if args.method in STAGES else [
+    Stage("fine-tune", domains, params=lambda layers: adapter)]
+domain_of = torch.tensor([domains.index(t) if t in domains else -1 for t in tasks.ALL_TASKS],
+                         device=device)                    # task id -> domain id, for on_batch
 
 # ----------------------------------------------------------------------------- fine-tune
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
@@ -296,16 +337,18 @@ for i, stage in enumerate(plan):
     steps = max(1, round(stage.steps_frac * args.steps)) if args.steps else 0   # --steps 0: evaluate
     if start >= steps:
         continue
+    before = [q.detach().clone() for q in params]
     t0 = time.perf_counter()
     tps, loss = train(model, params, stage.tasks, steps, args.lr, f"{args.method} {stage.name}",
                       extra_loss=lambda: aux_loss(model) + (stage.extra_loss(layers) if stage.extra_loss else 0.0),
-                      on_batch=lambda ids: stage.on_batch(layers, ids) if stage.on_batch else None,
+                      on_batch=lambda ids: stage.on_batch(layers, domain_of[ids]) if stage.on_batch else None,
                       start=start, opt_state=ckpt["optimizer"] if start else None,
                       checkpoint=lambda done, opt: save_ckpt(i, done, opt))
     dt = time.perf_counter() - t0
     tokens, seconds = tokens + tps * dt, seconds + dt
     stage_log.append({"stage": stage.name, "steps": steps, "seconds": round(dt, 2),
-                      "trainable_params": count_trainable(model), "final_loss": loss})
+                      "trainable_params": count_trainable(model), "final_loss": loss,
+                      "params_changed": sum(int((q != b).sum()) for q, b in zip(params, before))})
     save_ckpt(i, steps, None)                              # the stage is done
 for q in adapter:
     q.requires_grad_(True)                                 # report the whole adapter as trainable
@@ -319,6 +362,20 @@ if rank > 0:
 acc = {t: tasks.accuracy(model, t, args.eval_examples, L)
        for t in tqdm(tasks.ALL_TASKS, desc="evaluate", dynamic_ncols=True)}
 
+extra = {}
+if args.method in EXTRA_METRICS:                           # e.g. MoA's router accuracy
+    ids = tasks.task_ids_for(domains, args.eval_examples, torch.Generator().manual_seed(4321))
+    x_eval, _ = tasks.lm_inputs(*tasks.make_batch(ids, L, "eval", torch.Generator().manual_seed(4321)))
+    extra = EXTRA_METRICS[args.method](model, layers, x_eval.to(device), domain_of[ids.to(device)])
+if args.add_domain:                                        # issue 5: old tasks kept, few parameters
+    retrain = sum(molora_num_params(m.base.in_features, m.base.out_features,
+                                    MoLoRAConfig(targets=cfg.targets)) for m in layers)
+    touched = sum(int((v != grown[k]).sum()) for k, v in adapter_state_dict(model).items())
+    added.update(task=args.add_domain, init_adapter=args.init_adapter, params_touched=touched,
+                 molora_retrain_params=retrain, touched_share=touched / retrain, accuracy_after=acc,
+                 max_old_task_drop=max(added["accuracy_before"][t] - acc[t]
+                                       for t in (tasks.GENERAL, *domains[:-1])))
+
 # ----------------------------------------------------------------------------- results
 metrics = {
     "method": args.method, "variant": args.variant, "config": dataclasses.asdict(cfg),
@@ -328,7 +385,7 @@ metrics = {
     "trainable_params": count_trainable(model),
     "total_params": sum(q.numel() for q in model.parameters()),
     "tokens_per_second": tokens_per_second, "steps": args.steps, "finetune_seconds": wall,
-    "stages": stage_log,
+    "stages": stage_log, "tasks": list(domains), **extra, "add_domain": added or None,
     "seed": args.seed, "device": args.device, "processes": world,
 }
 print(f"\n{'task':<10} {'base':>6} {args.method:>8}")
@@ -339,9 +396,17 @@ print(f"(* general task: the base was pretrained on it; a drop is forgetting)\n"
       f"mean task accuracy {sum(metrics['per_task_accuracy'].values()) / len(tasks.TASKS):.1%}, "
       f"trainable {metrics['trainable_params']:,} of {metrics['total_params']:,} parameters, "
       f"{tokens_per_second:,.0f} tokens/s, fine-tune {wall:.0f}s")
+for s in stage_log if len(stage_log) > 1 else []:
+    print(f"stage {s['stage']:<16} {s['steps']:>5} steps {s['seconds']:>7.1f}s "
+          f"{s['params_changed']:>9,} parameters changed")
+if added:
+    print(f"added {args.add_domain}: {added['params_touched']:,} parameters touched, "
+          f"{added['touched_share']:.1%} of a MoLoRA retrain ({added['molora_retrain_params']:,}); "
+          f"largest old-task drop {added['max_old_task_drop']:+.1%}")
 save_adapter(model, os.path.join(out_dir, "adapter.safetensors"),
              meta={"method": args.method, "variant": args.variant, "config": metrics["config"],
                    "targets": list(cfg.targets), "layer": layer_cls.__name__, "base_sha256": base_sha,
+                   "tasks": list(domains),
                    "base": args.init_from if args.init_from != "scratch" else base_path})
 tmp = os.path.join(out_dir, "metrics.json.tmp")
 with open(tmp, "w") as f:

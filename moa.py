@@ -1,0 +1,182 @@
+"""MoA-style (domain-routed): one LoRA per domain, and routers supervised by the domain label.
+
+Based on MoA: Mixture-of-LoRAs (Feng et al., LREC-COLING 2024), https://arxiv.org/abs/2403.03432 ;
+METHODS.md §5. Only the paper's abstract was available, so this is METHODS.md's interpretation
+5(a)-(d), not a reproduction: "MoA-style (domain-routed)".
+
+    stage 1, per domain j:  y = W0 x + (alpha / r) B_j A_j x, trained on D_j alone
+    stage 2, sequence b:    p_b = softmax(W_r mean_{t < P} x_b[t]),  W_r (E, I)
+                            training:  k_b = the gold domain (teacher forcing)
+                                       L = L_LM + lambda * mean over layers of CE(p_b, k_b)
+                            inference: k_b = argmax p_b
+                            y_t = W0 x_t + (alpha / r) B_{k_b} A_{k_b} x_t, every token t of b
+
+Legend: E = n, one LoRA per domain; P prompt positions pooled (tasks.py: task token, digits, SEP).
+A batch that mixes domains runs without a loop over sequences: common.dispatch_gathered gathers
+each sequence's A and B and uses batched matmuls, one LoRA's work per token (dispatch_fused with
+one-hot gates would do E times that); forward_naive is the loop over experts with one-hot gates.
+Option routing="token" (METHODS.md 5(a)-(d)): a soft softmax router per token, trained with the
+LM loss plus each token's CE against its sequence's domain, and used as weights at inference.
+For a fixed domain, `merge` folds B_j A_j into W0 (serving one domain, as MOELoRA merges a task).
+
+Not included: stage 2 fine-tuning of the LoRAs (the paper does not settle it); LoRA dropout.
+Deviations (all unverified design choices, METHODS.md 5): one router per adapted linear reading
+that layer's own input (5(a): "per layer"); the layers' CEs are averaged, not summed, so lambda
+does not scale with depth. With gold routing and frozen LoRAs the LM loss has no gradient in
+stage 2: only the CE trains the routers there.
+"""
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import (AdaptedLinear, Stage, check_field, dispatch_fused, dispatch_gathered,
+                    dispatch_naive, lora_uniform_, make_router, route, stage_mode)
+
+
+@dataclass
+class MoAConfig:
+    num_domains: int = 5          # E, one LoRA per domain (train.py sets it to the run's domains)
+    rank: int = 8                 # r, per LoRA (rank 8 as the community reimplementation)
+    alpha: float = 16.0           # scaling = alpha / r
+    routing: str = "sequence"     # "sequence": one LoRA per sequence; "token": soft, per token
+    prompt_len: int = 8           # P, positions the sequence router pools (train.py: L + 2)
+    router_loss_coef: float = 1.0  # lambda, weight of the router CE
+    stage_steps: tuple = (1.0, 0.5)    # shares of --steps: all LoRAs (stage 1), router (stage 2)
+    targets: tuple = ("q", "k", "v", "o", "up", "down")
+
+    def __post_init__(self):
+        c = "MoAConfig"
+        for name in ("num_domains", "rank", "prompt_len"):
+            v = getattr(self, name)
+            check_field(c, name, v, isinstance(v, int) and v >= 1, "an integer >= 1")
+        check_field(c, "routing", self.routing, self.routing in ("sequence", "token"),
+                    "'sequence' or 'token'")
+        check_field(c, "router_loss_coef", self.router_loss_coef, self.router_loss_coef > 0,
+                    "> 0 (with gold routing the CE is the routers' only signal)")
+        check_field(c, "stage_steps", self.stage_steps, len(self.stage_steps) == 2
+                    and all(f > 0 for f in self.stage_steps), "2 shares > 0 (LoRAs, router)")
+
+
+class MoALinear(AdaptedLinear):
+    """Inputs are (B, T, I): the sequence router needs the batch axis."""
+
+    def __init__(self, base: nn.Linear, cfg: MoAConfig):
+        super().__init__(base)
+        I, O, E, r = base.in_features, base.out_features, cfg.num_domains, cfg.rank
+        self.routing, self.prompt_len = cfg.routing, cfg.prompt_len
+        self.scaling = cfg.alpha / r
+        self.lora_A = nn.Parameter(torch.empty(E, r, I))
+        self.lora_B = nn.Parameter(torch.empty(E, O, r))
+        self.router = make_router(I, E)                  # W_r
+        self.active = None      # None: routed (stage 2, inference); j: LoRA j alone (stage 1)
+        self.gold = None        # (B,) domain labels of the training batch, set by stage 2
+        self.logits = None      # router logits of the last routed forward: (B, E) or (N, E)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        lora_uniform_(self.lora_A)                       # as the single-LoRA baseline
+        nn.init.zeros_(self.lora_B)                      # B = 0 -> update = 0 -> output == base(x)
+        nn.init.normal_(self.router.weight, std=0.02)
+
+    def _route(self, x):
+        """x (B, T, I) -> gates (N, E), and idx (B,), the LoRA of each sequence (None: soft)."""
+        B, T, I = x.shape
+        E = self.lora_A.shape[0]
+        if self.active is not None:                      # stage 1: LoRA j alone
+            idx = torch.full((B,), self.active, device=x.device)
+        elif self.routing == "token":                    # soft, per token
+            self.logits, probs, _, _ = route(x.reshape(-1, I), self.router, E)    # (N, E)
+            return probs, None
+        else:
+            pooled = x[:, :self.prompt_len].mean(1)                  # (B, I)  mean over the prompt
+            self.logits = route(pooled, self.router, E)[0]           # (B, E)  W_r mean_t x[t]
+            teacher = self.training and self.gold is not None
+            idx = self.gold if teacher else self.logits.argmax(-1)   # (B,) gold / argmax
+        gates = F.one_hot(idx, E).to(x.dtype)[:, None].expand(B, T, E)   # (B, T, E)
+        return gates.reshape(B * T, E), idx
+
+    def forward(self, x):
+        """x (B, T, I) -> (B, T, O): the gathered LoRA of each sequence, or the soft token mix."""
+        gates, idx = self._route(x)
+        if idx is None:
+            return self._mix(x, gates, dispatch_fused)
+        return self.base(x) + dispatch_gathered(x, self.lora_A, self.lora_B, idx, self.scaling)
+
+    def forward_naive(self, x):
+        """The reference: every LoRA on every token, weighted by its (one-hot or soft) gate."""
+        return self._mix(x, self._route(x)[0], dispatch_naive)
+
+    def _mix(self, x, gates, dispatch):
+        dy = dispatch(x.flatten(0, 1), self.lora_A, self.lora_B, gates, self.scaling)   # (N, O)
+        return self.base(x) + dy.view(*x.shape[:-1], -1).to(x.dtype)
+
+    def router_loss(self) -> torch.Tensor:
+        """CE of the last routed forward against the gold domains (METHODS.md 5(a)); token
+        routing: every token against its sequence's domain."""
+        gold = self.gold.repeat_interleave(self.logits.shape[0] // self.gold.shape[0])   # (B,) or (N,)
+        return F.cross_entropy(self.logits, gold)
+
+    def delta_weight(self, j: int) -> torch.Tensor:
+        """Dense (O, I) update of domain j. For merging and tests, never called by forward."""
+        return self.scaling * self.lora_B[j] @ self.lora_A[j]       # (O, r) @ (r, I) -> (O, I)
+
+
+def merge(model: nn.Module, j: int) -> nn.Module:
+    """Serve domain j alone: every MoALinear becomes a plain nn.Linear with W0 + (alpha/r) B_j A_j.
+    In place; returns the model."""
+    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, MoALinear)]:
+        merged = copy.deepcopy(layer.base)
+        with torch.no_grad():
+            merged.weight += layer.delta_weight(j).to(merged.weight.dtype)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, merged)
+    return model
+
+
+def moa_num_params(I: int, O: int, cfg: MoAConfig, part: str = "total") -> int:
+    """Trainable parameters per adapted linear, METHODS.md 5(a)-(d). part: "lora" (stage 1, one
+    domain), "router" (stage 2) or "total"."""
+    E = cfg.num_domains
+    counts = {"lora": cfg.rank * (I + O), "router": E * I}
+    counts["total"] = E * counts["lora"] + counts["router"]
+    return counts[part]
+
+
+def _set_gold(layers, domain_ids):
+    for m in layers:
+        m.gold = domain_ids
+
+
+@torch.no_grad()
+def moa_metrics(model, layers, x, domain_ids) -> dict:
+    """Router accuracy on held-out sequences x (B, T) of known domains (B,): the share of
+    (sequence, layer) picks, or (token, layer) argmaxes for token routing, that hit the gold domain."""
+    model.eval()
+    model(x)
+    hits = [(m.logits.argmax(-1) == domain_ids.repeat_interleave(m.logits.shape[0] // x.shape[0]))
+            .float().mean().item() for m in layers]
+    return {"router_accuracy": sum(hits) / len(hits), "router_accuracy_per_layer": hits}
+
+
+def moa_stages(cfg: MoAConfig, domains: tuple, general: str, new: str | None = None) -> list:
+    """The two stages of METHODS.md 5(a) for train.py; `domains` are task names, LoRA j <-> domain
+    j. `general` is unused: MoA has no universal expert. With `new` (a domain just appended by
+    common.append_expert): stage 1 for it alone, then stage 2 again, on every domain.
+
+    Stage 1 hands the stacked lora_A / lora_B to the optimiser; only LoRA j is gathered, so the
+    others get exactly zero gradient and AdamW without weight decay leaves them bit-identical."""
+    lora_frac, router_frac = cfg.stage_steps
+
+    def router_ce(layers):                            # lambda * mean over layers of CE (Deviations)
+        return cfg.router_loss_coef * torch.stack([m.router_loss() for m in layers]).mean()
+
+    plan = [Stage(f"lora {t}", (t,), setup=stage_mode(j), steps_frac=lora_frac / len(domains),
+                  params=lambda layers: [p for m in layers for p in (m.lora_A, m.lora_B)])
+            for j, t in enumerate(domains) if new in (None, t)]
+    plan.append(Stage("router", tuple(domains), setup=stage_mode(None), on_batch=_set_gold,
+                      extra_loss=router_ce, steps_frac=router_frac,
+                      params=lambda layers: [m.router.weight for m in layers]))
+    return plan
