@@ -14,6 +14,7 @@ and for each method (MoLoRA; MoSLD and MALoRA when their files are there):
   naive dense       layer.forward_naive(x): the loop over experts, every expert on every token
   naive sparse      each expert on its routed tokens only, index_add back (MixLoRA-style, below)
   grouped           common.dispatch_grouped: pairs sorted by expert, grouped GEMMs
+  fused compiled    with --compile: common.dispatch_compiled, the fused path under torch.compile
 A row's adapter cost is its time minus the frozen base's; every ratio printed is a ratio of
 adapter costs (shared/API.md). GFLOP: matmul FLOPs of that forward + backward, adapter part.
 x requires grad, as inside a model, so every row also computes dL/dx.
@@ -35,7 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import aux_loss, dispatch_grouped, inject, load_balance_loss, make_router, route
+from common import (aux_loss, dispatch_compiled, dispatch_grouped, inject, load_balance_loss,
+                    make_router, route)
 from gpt import GPT, GPTConfig
 from lora import LoRAConfig, LoRALinear
 
@@ -77,6 +79,8 @@ p.add_argument("--methods", default="molora,mosld,malora",
                help="comma-separated, from: " + ", ".join(METHODS))
 p.add_argument("--full", action="store_true",
                help=f"sweep E in {FULL_EXPERTS} and D in {FULL_DIMS} (hours on a CPU: for a GPU)")
+p.add_argument("--compile", action="store_true",
+               help="also time the fused path through common.dispatch_compiled (torch.compile)")
 p.add_argument("--train-step", action="store_true",
                help="also time a whole train step (forward, backward, AdamW) of the tiny GPT")
 p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -239,6 +243,8 @@ def ratios(rows: list, E: int) -> dict:
                      "naive_sparse/fused": cost[(name, "naive sparse")] / fused}
         if (name, "grouped") in cost:
             out[name]["grouped/fused"] = cost[(name, "grouped")] / fused
+        if (name, "fused compiled") in cost:
+            out[name]["fused_compiled/single_lora"] = cost[(name, "fused compiled")] / lora
         if name != "molora" and ("molora", "fused") in cost:
             out[name]["fused/molora_fused"] = fused / cost[("molora", "fused")]
             out[name]["naive_dense/molora_naive_dense"] = (cost[(name, "naive dense")]
@@ -272,6 +278,7 @@ def route_only(router: nn.Linear, coef: float):
 
 def bench_layer(E: int, D: int) -> dict:
     """Every row for one (E, D): ms, adapter ms, adapter GFLOP; then the ratios."""
+    torch._dynamo.reset()                                          # new shapes: compile afresh
     base = nn.Linear(D, D).to(device, dtype).requires_grad_(False)
     x = torch.randn(N, D, device=device, dtype=dtype, requires_grad=True)         # (N, I)
     dy = torch.randn(N, D, device=device, dtype=dtype)                             # (N, O) dL/dy
@@ -294,11 +301,16 @@ def bench_layer(E: int, D: int) -> dict:
                  "naive sparse": lambda x, m=layer: m._run(x, dispatch_sparse_loop)}
         if K < E:                                                  # soft routing has nothing to skip
             paths["grouped"] = lambda x, m=layer: m._run(x, grouped)
+        if args.compile:                                           # compiled in check_paths, once
+            paths["fused compiled"] = lambda x, m=layer: m._run(x, dispatch_compiled)
         check_paths(name, layer, paths, x)
         for path, forward in paths.items():
             steps[(name, path)] = fwd_bwd(layer, with_aux(layer, forward), x, dy)
     ms = round_robin(steps)
-    flops = {key: gflop(step) for key, step in steps.items()}
+    flops = {key: gflop(step) for key, step in steps.items() if key[1] != "fused compiled"}
+    for name, path in steps:                          # flop_counter cannot run a compiled graph:
+        if path == "fused compiled":                  # it is the fused path's maths
+            flops[(name, path)] = flops[(name, "fused")]
     base_ms, base_gf = ms[("base", "frozen base")], flops[("base", "frozen base")]
     rows = []
     for key in steps:

@@ -144,7 +144,8 @@ def dispatch_fused(x, A, B, gates, scaling, act: Callable | None = None):
 
 
 def _has_grouped_mm(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> bool:
-    """torch._grouped_mm has a fast kernel for bf16 on sm90+ GPUs, for rows of 16 bytes' multiple."""
+    """torch._grouped_mm has a fast kernel for bf16 on sm90+ GPUs; it needs 16-byte aligned rows,
+    so r, I and O must be multiples of 8."""
     return (hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16
             and torch.cuda.get_device_capability(x.device) >= (9, 0)
             and all(n % 8 == 0 for n in (*A.shape[-2:], B.shape[1])))    # r, I, O
@@ -167,7 +168,8 @@ def dispatch_grouped(x, A, B, gates, idx, scaling, act: Callable | None = None):
     fast one (CUDA, bf16, sm90+). Elsewhere every expert's block is padded to the largest block
     and one bmm does all of them: no loop, but the block size is read back to the host, so under
     torch.compile the fallback breaks the graph. Padding rows read token 0 with gate 0, so they
-    add nothing, forward or backward. Gates mix in float32 as in dispatch_fused.
+    add nothing, forward or backward. Gates mix in float32 as in dispatch_fused. Each token sums
+    its K rows with index_add, whose atomic adds on CUDA may vary the last bit for K > 2.
     """
     (N, K), (E, O, r) = idx.shape, B.shape
     pairs = torch.arange(N * K, device=x.device)                  # (N*K,) (token, slot), token-major

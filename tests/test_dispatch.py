@@ -45,16 +45,21 @@ def grouped(x, A, B, gates, idx, act=None):
     return dispatch_grouped(x, A, B, gates, idx, 0.7, act)
 
 
-# ----------------------------------------------------------------------------- grouped == naive
+def fused(x, A, B, gates, idx, act=None):
+    return dispatch_fused(x, A, B, gates, 0.7, act)
 
 
+# ----------------------------------------------------------------------------- fast paths == naive
+
+
+@pytest.mark.parametrize("path", [grouped, fused])
 @pytest.mark.parametrize("K", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("act", [None, F.leaky_relu])
-def test_grouped_matches_naive(K, shared, act):
+def test_fast_paths_match_naive(path, K, shared, act):
     (x, A, B, top), idx, dy = routed(N=11, I=37, O=53, E=5, K=K, r=3, shared=shared)
     ref = out_and_grads(lambda *a: naive(*a, act=act), x, A, B, top, idx, dy)
-    out = out_and_grads(lambda *a: grouped(*a, act=act), x, A, B, top, idx, dy)
+    out = out_and_grads(lambda *a: path(*a, act=act), x, A, B, top, idx, dy)
     for name, o, rf in zip(["y", "x", "A", "B", "gates"], out, ref):
         torch.testing.assert_close(o, rf, msg=lambda m: f"{name}: {m}")
 
