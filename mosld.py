@@ -87,6 +87,7 @@ class MoSLDLinear(AdaptedLinear):
         _, probs, gates, idx = route(x, self.router, self.top_k)  # (N, E), renormalised (Eq. 1)
         if idx is not None:                               # E_l > K: a real top-k, balance it
             self.aux = load_balance_loss(probs, idx)
+        # F.dropout on a weight is DropConnect: M * A / (1 - p), one fresh mask per call; A at eval
         A = F.dropout(self.shared_A, self.drop_a, self.training)  # (r, I)  Eq. 2, one mask per step
         B = F.dropout(self.lora_B, self.drop_b, self.training)    # (E, O, r)  Table 2 ablation
         return dispatch(x, A, B, gates, self.scaling)     # (N, O)  Eq. 3, shared A: x A~^T once
