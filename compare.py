@@ -1,0 +1,474 @@
+"""Compare every method under one budget: same base model, data, steps and seeds (issue 7).
+
+    python compare.py --quick        # 1 seed, short runs: the whole pipeline in a few minutes
+    python compare.py                # 3 seeds, the full budget; then read results/RESULTS.md
+
+Every run is `python train.py ...` in a subprocess, exactly what a user gets, writing into
+<out>/runs/<run>/seed<k>/ (train.log, metrics.json, adapter). A run whose metrics.json is there and
+whose run.json holds the same command is skipped, so an interrupted comparison resumes. A run whose
+method, variant or flag train.py does not offer yet is skipped with a note.
+Writes <out>/results.json (every run), <out>/RESULTS.md (mean ± std over seeds; a verdict for each
+qualitative check of METHODS.md §8 beside the paper's numbers) and, with matplotlib, accuracy.png.
+
+Budget: every run gets the same --steps (a staged method runs each stage for the share of it that
+its config's stage_steps sets; each per-task LoRA gets steps / number of tasks, so it sees as many
+examples of its task as the mixture run does) and the same per-expert --rank, with alpha = 2 rank,
+so that every scaling alpha / r stays at the methods' default 2. All runs start from one base
+model, pretrained once (seed 0).
+"""
+import argparse
+import ast
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+import tasks
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+NEW = tasks.TASKS[-1]          # the domain that the add-a-domain runs learn last
+D_MODEL = 128                  # train.py's default --n-embd, for matching MoLoRA's parameters to MALoRA's
+TOL = 1.0                      # accuracy points: a difference smaller than this is noise (verdicts)
+MIX, PER_TASK, MATCHED = "LoRA, mixture", "LoRA, one per task", "MoLoRA top-2, parameters matched to MALoRA"
+OWN_A = "MoLoRA top-2, q/v, E=5 (own A per expert)"     # MoSLD's experts without the shared A ("MoLA")
+BUDGET_NOTE = """Why rank 2 by default, not the methods' own 8: on these tasks one rank-8 LoRA learns
+every digit map of the mixture in 300 steps (add1/subst/neg/mul3 at 99.7-100% in the issue-7
+investigation), so nothing interferes and all methods tie at the ceiling. At rank 2 one LoRA no
+longer holds the maps of all tasks, while a rank-2 LoRA per task still learns its own in a fifth of
+the steps: the interference the mixture methods are meant to remove (check 1 below). A task that no
+run learns in the budget (0% everywhere) lowers every mean alike."""
+
+# ----------------------------------------------------------------------------- arguments
+p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+p.add_argument("--quick", action="store_true",
+               help="smoke budget: 1 seed, 100 steps, 100 eval examples, output in results/quick")
+p.add_argument("--steps", type=int, default=None, help="fine-tuning steps per run (default 300; quick 100)")
+p.add_argument("--seeds", type=int, default=None, help="seeds per run (default 3; quick 1)")
+p.add_argument("--eval-examples", type=int, default=None,
+               help="held-out examples per task (default 300; quick 100)")
+p.add_argument("--rank", type=int, default=2,
+               help="per-expert rank of every method (MALoRA: the MoLoRA rank it replaces; MoDULA: the "
+                    "domain rank, universal 2x); 0 keeps each method's defaults")
+p.add_argument("--pretrain-steps", type=int, default=1500, help="pretraining steps of the shared base model")
+p.add_argument("--jobs", type=int, default=2, help="train.py processes at once, one thread each")
+p.add_argument("--out", default=None, help="output folder (default results; quick: results/quick)")
+
+
+@dataclass
+class Run:
+    name: str                  # folder and key in results.json
+    row: str                   # its row of the comparison table (the per-task LoRAs share one)
+    args: tuple                # train.py arguments, --method first
+    steps_frac: float = 1.0    # share of --steps
+    after: str | None = None   # the run whose adapter this one starts from (--init-adapter)
+    task: str | None = None    # a one-task run: the task its row takes from it
+    needs: tuple = ()          # other methods it needs (for a parameter match)
+    table: bool = True         # a row of the comparison table (False: an add-a-domain first half)
+
+
+def budget_cfg(method: str, r: int) -> tuple:
+    """--cfg arguments that set `method` to per-expert rank r with alpha / rank = 2; r = 0: none."""
+    if not r:
+        return ()
+    rb = round(1.5 * r)        # MALoRA replacing a rank-r MoLoRA: r-bar = (2 - 0.5) r, S = 0.5 r E (E = 8)
+    fields = {"malora": {"rank": rb, "shared_rank": 4 * r, "alpha": 2 * rb},
+              "modula": {"domain_rank": r, "universal_rank": 2 * r, "alpha": 2 * r}
+              }.get(method, {"rank": r, "alpha": 2 * r})
+    return tuple(a for k, v in fields.items() for a in ("--cfg", f"{k}={v}"))
+
+
+def matched_molora_rank(r: int) -> int:
+    """The MoLoRA rank (top-2, E = 8, MALoRA's targets) whose parameter count is closest to the
+    MALoRA of this budget (METHODS.md 3(d)), at the tiny GPT's shapes."""
+    from malora import MALoRAConfig, malora_num_params
+    from molora import MoLoRAConfig, molora_num_params
+    D, H = D_MODEL, 4 * D_MODEL
+    shapes = [(D, D)] * 3 + [(D, H), (H, D)]                 # q, k, v, up, down
+    target = sum(malora_num_params(I, O, MALoRAConfig.from_molora(r) if r else MALoRAConfig())
+                 for I, O in shapes)
+    return min(range(1, 65), key=lambda rm: abs(target - sum(
+        molora_num_params(I, O, MoLoRAConfig(rank=rm, top_k=2)) for I, O in shapes)))
+
+
+def run_table(r: int, matched: int) -> list:
+    """Every run of the comparison, in order. matched: the MoLoRA rank that matches MALoRA."""
+    def m(method, *extra):
+        return ("--method", method, *budget_cfg(method, r), *extra)
+    only = lambda t: tuple(a for u in tasks.TASKS if u != t for a in ("--exclude-task", u))
+    return [
+        Run("lora", MIX, m("lora")),
+        *[Run(f"lora-{t}", PER_TASK, m("lora", *only(t)), 1 / len(tasks.TASKS), task=t)
+          for t in tasks.TASKS],
+        Run("molora-soft", "MoLoRA soft", m("molora", "--variant", "soft")),
+        Run("molora-top2", "MoLoRA top-2", m("molora", "--variant", "top2")),
+        Run("molora-qv", OWN_A,
+            m("molora", "--variant", "top2", "--cfg", 'targets=["q","v"]', "--cfg", "num_experts=5")),
+        Run("malora", "MALoRA", m("malora")),
+        Run("molora-matched", MATCHED, ("--method", "molora", "--variant", "top2", "--cfg", f"rank={matched}",
+            "--cfg", f"alpha={2 * matched}", "--cfg", 'targets=["q","k","v","up","down"]'),
+            needs=("malora",)),
+        Run("mosld", "MoSLD p=0.1", m("mosld")),
+        Run("mosl", "MoSL p=0", m("mosld", "--variant", "mosl")),
+        Run("mosld-p0.3", "MoSLD p=0.3", m("mosld", "--cfg", "drop_a=0.3")),
+        Run("mosld-drop-b", "MoSLD dropout on B", m("mosld", "--variant", "drop-b")),
+        Run("modula-flan", "MoDULA-Flan", m("modula", "--variant", "flan")),
+        Run("modula-res", "MoDULA-Res", m("modula", "--variant", "res")),
+        Run("modula-res-minus", f"MoDULA-Res without {NEW}",
+            m("modula", "--variant", "res", "--exclude-task", NEW), table=False),
+        Run("modula-res-add", f"MoDULA-Res, {NEW} added later",
+            m("modula", "--variant", "res", "--add-domain", NEW), after="modula-res-minus"),
+        Run("moa", "MoA-style", m("moa")),
+        Run("moa-minus", f"MoA-style without {NEW}", m("moa", "--exclude-task", NEW), table=False),
+        Run("moa-add", f"MoA-style, {NEW} added later", m("moa", "--add-domain", NEW), after="moa-minus"),
+    ]
+
+
+def train_py_offers(source: str) -> tuple:
+    """What train.py registers, read from its source: METHODS names, VARIANTS names per method,
+    and its --flags."""
+    tree = ast.parse(source)
+    dicts = {n.targets[0].id: n.value for n in ast.walk(tree) if isinstance(n, ast.Assign)
+             and isinstance(n.targets[0], ast.Name) and isinstance(n.value, ast.Dict)}
+    methods = {k.value for k in dicts["METHODS"].keys}
+    v = dicts.get("VARIANTS", ast.Dict(keys=[], values=[]))
+    variants = {k.value: {n.value for n in d.keys} for k, d in zip(v.keys, v.values)
+                if isinstance(d, ast.Dict)}
+    flags = {c.args[0].value for c in ast.walk(tree) if isinstance(c, ast.Call) and c.args
+             and getattr(c.func, "attr", "") == "add_argument" and isinstance(c.args[0], ast.Constant)}
+    return methods, variants, flags
+
+
+def missing(run: Run, offers: tuple) -> str | None:
+    """Why train.py cannot do this run yet, or None."""
+    methods, variants, flags = offers
+    method = run.args[1]
+    for name in (method, *run.needs):
+        if name not in methods:
+            return f"train.py has no method {name!r} yet"
+    if "--variant" in run.args and run.args[run.args.index("--variant") + 1] not in variants.get(method, ()):
+        return f"train.py has no variant {run.args[run.args.index('--variant') + 1]!r} of {method} yet"
+    unknown = [a for a in run.args if a.startswith("--") and a not in flags]
+    return f"train.py has no {unknown[0]} flag yet" if unknown else None
+
+
+def finished(run_dir: str, cmd: list) -> bool:
+    """metrics.json is there, written by this very command (resume: skip the run)."""
+    try:
+        with open(os.path.join(run_dir, "run.json")) as f:
+            same = json.load(f)["command"] == cmd
+    except (OSError, ValueError, KeyError):
+        return False
+    return same and os.path.exists(os.path.join(run_dir, "metrics.json"))
+
+
+def execute(cmd: list, run_dir: str) -> str | None:
+    """Run `python train.py ...` with its output in run_dir/train.log. None, or why it failed."""
+    os.makedirs(run_dir, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    t0 = time.perf_counter()
+    with open(os.path.join(run_dir, "train.log"), "w") as log:
+        rc = subprocess.run([sys.executable, *cmd], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            env=env).returncode
+    if rc:
+        with open(os.path.join(run_dir, "train.log")) as log:
+            lines = log.read().replace("\r", "\n").strip().splitlines() or ["(no output)"]
+        return f"exit {rc}: {lines[-1]}"
+    with open(os.path.join(run_dir, "run.json"), "w") as f:
+        json.dump({"command": cmd, "wall_seconds": time.perf_counter() - t0}, f)
+    return None
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+
+def mean_std(values) -> tuple:
+    values = list(values)
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def fmt(values, digits=1) -> str:
+    m, s = mean_std(values)
+    return f"{m:.{digits}f}" if len(values) == 1 else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def summarize(records: list) -> dict:
+    """row -> one dict per seed, in seed order: accuracy per task, mean and general (in %), trainable
+    parameters, tokens/s and wall seconds (summed over the runs of a row), add-a-domain report."""
+    rows = {}
+    for rec in records:
+        rows.setdefault(rec["row"], {}).setdefault(rec["seed"], []).append(rec)
+    out = {}
+    for row, by_seed in rows.items():
+        for seed, rs in sorted(by_seed.items()):
+            own = {r["task"]: r for r in rs if r["task"]}
+            if own and set(own) != set(tasks.TASKS):
+                continue                                # a one-task run of this seed is missing
+            acc = {t: 100 * own.get(t, rs[0])["per_task_accuracy"][t] for t in tasks.TASKS}
+            out.setdefault(row, []).append({
+                "seed": seed, "acc": acc, "mean": statistics.mean(acc.values()), "new": acc[NEW],
+                "general": 100 * statistics.mean(r["general_accuracy"] for r in rs),
+                "base_general": 100 * rs[0]["base_accuracy"][tasks.GENERAL],
+                "params": sum(r["trainable_params"] for r in rs),
+                "tps": statistics.mean(r["tokens_per_second"] for r in rs),
+                "wall": sum(r["wall_seconds"] for r in rs), "add_domain": rs[0].get("add_domain")})
+    return out
+
+
+def delta(S: dict, a: str, b: str, key="mean") -> tuple:
+    """Mean and seed-to-seed spread of a - b, paired by seed."""
+    sb = {s["seed"]: s[key] for s in S[b]}
+    d = [s[key] - sb[s["seed"]] for s in S[a] if s["seed"] in sb]
+    if not d:
+        raise KeyError(f"no seed has both {a} and {b}")
+    return mean_std(d)
+
+
+def beats(S, a, b, key="mean") -> tuple:
+    """'holds' when a - b exceeds both TOL and its spread over seeds."""
+    d, spread = delta(S, a, b, key)
+    text = f"{a} {fmt([s[key] for s in S[a]])} vs {b} {fmt([s[key] for s in S[b]])} (Δ {d:+.1f})"
+    return ("holds" if d > max(TOL, spread) else "does not hold"), text
+
+
+def at_least(S, a, b, key="mean") -> tuple:
+    """'holds' when a is not below b by more than TOL and the spread over seeds."""
+    d, spread = delta(S, a, b, key)
+    return ("holds" if d >= -max(TOL, spread) else "does not hold"), beats(S, a, b, key)[1]
+
+
+MIXTURES = ("MoLoRA soft", "MoLoRA top-2", "MALoRA", "MoSLD p=0.1", "MoDULA-Flan", "MoDULA-Res", "MoA-style")
+ADDED = (f"MoDULA-Res, {NEW} added later", f"MoA-style, {NEW} added later")
+
+
+def avg(S, row, key):
+    return statistics.mean(s[key] for s in S[row])
+
+
+def recovers(S) -> tuple:
+    """Every mixture method beats the single LoRA on the mixture."""
+    rows = [r for r in MIXTURES if r in S] or [MIXTURES[0]]        # none ran: KeyError -> not run
+    fails = [r for r in rows if beats(S, r, MIX)[0] != "holds"]
+    text = "; ".join(f"{r} {delta(S, r, MIX)[0]:+.1f}" for r in rows)
+    return ("holds" if not fails else "does not hold"), f"Δ over {MIX}: {text}"
+
+
+def shared_a(S) -> tuple:
+    """MoSL (one A, p = 0) against the same experts with their own A, and the parameter ratio."""
+    v, text = at_least(S, "MoSL p=0", OWN_A)
+    return v, f"{text}; {avg(S, 'MoSL p=0', 'params') / avg(S, OWN_A, 'params'):.0%} of the parameters"
+
+
+def step_time(S) -> tuple:
+    """MALoRA's step time over the parameter-matched MoLoRA's, from tokens/s."""
+    ratio = avg(S, MATCHED, "tps") / avg(S, "MALoRA", "tps")
+    return ("holds" if ratio < 1 else "does not hold"), \
+        f"MALoRA step = {ratio:.2f} x MoLoRA's (whole CPU train step)"
+
+
+def pluggable(S) -> tuple:
+    """Adding a domain keeps old tasks within 2 points, touches <= 25% of a MoLoRA retrain, and
+    learns the new domain at least as well as retraining MoLoRA (soft) on everything."""
+    ok, texts = [], []
+    for r in [r for r in ADDED if r in S] or [ADDED[0]]:
+        drop = 100 * statistics.mean(s["add_domain"]["max_old_task_drop"] for s in S[r])
+        share = 100 * statistics.mean(s["add_domain"]["touched_share"] for s in S[r])
+        ok.append(drop <= 2 and share <= 25 and at_least(S, r, "MoLoRA soft", key="new")[0] == "holds")
+        texts.append(f"{r}: largest old-task drop {drop:.1f} pts, {share:.1f}% of a MoLoRA retrain "
+                     f"touched; {NEW} {fmt([s['new'] for s in S[r]])} vs MoLoRA soft retrained "
+                     f"{fmt([s['new'] for s in S['MoLoRA soft']])}")
+    return ("holds" if all(ok) else "does not hold"), "; ".join(texts)
+
+
+def keeps_general(S) -> tuple:
+    g, base = avg(S, "MoDULA-Res", "general"), avg(S, "MoDULA-Res", "base_general")
+    return ("holds" if g >= base - 2 else "does not hold"), \
+        f"{tasks.GENERAL}: base {base:.1f}, MoDULA-Res {g:.1f}"
+
+
+CHECKS = [  # (§8 check, claim, the paper's numbers, verdict function or None: not run)
+    ("1", "Interference: one LoRA on the mixture is below one LoRA per task",
+     "MALoRA T1: 54.7 mixture vs 57.0 single-task; MoSLD T3: 52.47 vs 53.58",
+     lambda S: beats(S, PER_TASK, MIX)),
+    ("1", "Every mixture method recovers part of the gap (beats the mixture LoRA)",
+     "MoSLD T3: MoSLD 53.93 vs LoRA 52.47; MALoRA T1: MoLoRA 55.3, MALoRA 56.3 vs LoRA 54.7", recovers),
+    ("2", "Soft routing >= top-2 (MoLoRA, same E and r; top-1 not run)",
+     "MoV-10: soft 59.93, top-2 57.45, top-1 54.92 [unverified]",
+     lambda S: at_least(S, "MoLoRA soft", "MoLoRA top-2")),
+    ("3", "A shared A loses nothing, at ~60% of the parameters (MoSL vs per-expert A)",
+     "MoSLD T1/T5: MoSL 70.88 vs MoLA 70.00 at 62% of the parameters", shared_a),
+    ("3", "MALoRA >= MoLoRA at matched parameters", "MALoRA T1: 56.3 vs 55.3 (158.9M vs 151.2M parameters)",
+     lambda S: at_least(S, "MALoRA", MATCHED)),
+    ("3", "Dropout on A beats dropout on B (MoSLD)", "MoSLD T2: 71.56 vs 70.73 (mixture)",
+     lambda S: beats(S, "MoSLD p=0.1", "MoSLD dropout on B")),
+    ("4", "DropConnect on A: p=0.1 beats p=0", "MoSLD T1: 71.56 vs 70.88 (mixture)",
+     lambda S: beats(S, "MoSLD p=0.1", "MoSL p=0")),
+    ("4", "DropConnect on A: p=0.3 is visibly worse than p=0.1",
+     "MoSLD Fig. 5: accuracy mostly falls as p rises",
+     lambda S: beats(S, "MoSLD p=0.1", "MoSLD p=0.3")),
+    ("5", "Raising the rank overfits MoLoRA sooner than MALoRA",
+     "MALoRA T11: MoLoRA r=4/8/16/32 53.12/55.33/56.19/55.74; MALoRA 54.28/56.27/56.61/56.69", None),
+    ("6", "MALoRA's step is faster than MoLoRA's (x S_A computed once)",
+     "MALoRA T10: 14.69 s vs 17.57 s, 0.84x", step_time),
+    ("7", f"Adding a domain ({NEW}) keeps old tasks, touches <= 25%, matches a MoLoRA retrain",
+     "MoDULA: 19.8% of the parameters; T4 FinGPT Res 80.61 vs MoLoRA 75.41 (Qwen-7B)", pluggable),
+    ("8", "Residual: MoDULA-Res >= MoDULA-Flan", "MoDULA T1: Res 51.36 vs Flan 50.32 (Qwen-7B)",
+     lambda S: at_least(S, "MoDULA-Res", "MoDULA-Flan")),
+    ("8", f"MoDULA-Res keeps the general task ({tasks.GENERAL}) within 2 points of the base",
+     "MoDULA T3: LLaMA-2-7B MMLU base 45.91, Res 48.23", keeps_general),
+]
+
+
+def verdicts(S: dict) -> list:
+    """(check, claim, verdict, ours, paper) per CHECKS entry; 'not run' where its runs are missing."""
+    out = []
+    for n, claim, paper, fn in CHECKS:
+        try:
+            verdict, ours = fn(S) if fn else ("not run", "needs a rank sweep, outside this budget")
+        except KeyError as e:
+            verdict, ours = "not run", f"missing runs: {e}"
+        out.append((n, claim, verdict, ours, paper))
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def report(S: dict, rows: list, checks: list, head: list, notes: list) -> str:
+    """RESULTS.md: the budget, the comparison table (mean ± std over seeds), the verdicts."""
+    cols = [*tasks.TASKS, "mean", f"{tasks.GENERAL} (general)"]
+    out = [*head, "", "## Comparison (exact-match accuracy %, mean ± std over seeds)", "",
+           f"| method | trainable params | {' | '.join(cols)} | tokens/s | wall s |",
+           "|---" * (len(cols) + 4) + "|"]
+    for row in (r for r in rows if r in S):
+        ss = S[row]
+        accs = [fmt([s["acc"][t] for s in ss]) for t in tasks.TASKS]
+        out.append(f"| {row} | {ss[0]['params']:,} | {' | '.join(accs)} | {fmt([s['mean'] for s in ss])} | "
+                   f"{fmt([s['general'] for s in ss])} | {fmt([s['tps'] for s in ss], 0)} | "
+                   f"{fmt([s['wall'] for s in ss], 0)} |")
+    out += ["", "## Qualitative checks (METHODS.md §8)", "",
+            f"A difference counts when it is larger than {TOL:g} point and than its spread over seeds "
+            "(paired by seed).", "", "| § | claim | here | ours | paper |", "|---|---|---|---|---|"]
+    out += [f"| {n} | {claim} | **{v}** | {ours} | {paper} |" for n, claim, v, ours, paper in checks]
+    return "\n".join(out + ["", "## Notes", "", *[f"- {n}" for n in notes or ["none"]], ""])
+
+
+def plot(S: dict, rows: list, out_dir: str) -> str:
+    """accuracy.png: mean accuracy against trainable parameters, and accuracy per task per row; a
+    note instead when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "plots skipped: matplotlib is not installed (pip install matplotlib)"
+    rows, names = [r for r in rows if r in S], [*tasks.TASKS, "mean", tasks.GENERAL]
+    color = lambda i: plt.cm.tab20(i % 20)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(16, 5), gridspec_kw={"width_ratios": [1, 2]})
+    for i, r in enumerate(rows):
+        m, s = mean_std(x["mean"] for x in S[r])
+        ax1.errorbar(S[r][0]["params"], m, yerr=s, fmt="os^vD"[i % 5], color=color(i), capsize=3)
+        vals = [statistics.mean(x["general"] if t == tasks.GENERAL else x["mean"] if t == "mean"
+                                else x["acc"][t] for x in S[r]) for t in names]
+        ax2.bar([j + i * 0.8 / len(rows) for j in range(len(names))], vals, 0.8 / len(rows),
+                color=color(i), label=r)
+    ax1.set(xscale="log", xlabel="trainable parameters", ylabel="mean task accuracy (%)",
+            title="accuracy vs trainable parameters (± std over seeds)")
+    ax2.set_xticks([j + 0.4 for j in range(len(names))], [*names[:-1], f"{tasks.GENERAL} (general)"])
+    ax2.set(ylabel="accuracy (%)", title="accuracy per task")
+    ax2.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "accuracy.png"), dpi=110)
+    return "plot: [accuracy vs trainable parameters, and per task](accuracy.png)"
+
+
+# ----------------------------------------------------------------------------- main
+if __name__ == "__main__":
+    a = p.parse_args()
+    quick = a.quick
+    a.steps = a.steps or (100 if quick else 300)
+    a.seeds = a.seeds or (1 if quick else 3)
+    a.eval_examples = a.eval_examples or (100 if quick else 300)
+    a.out = a.out or os.path.join("results", "quick" if quick else "")
+    for flag in ("steps", "seeds", "eval_examples", "jobs"):
+        if getattr(a, flag) < 1:
+            sys.exit(f"compare.py: --{flag.replace('_', '-')} {getattr(a, flag)}: must be >= 1")
+    t_start, load_start = time.perf_counter(), os.getloadavg()
+    with open(os.path.join(ROOT, "train.py")) as f:
+        offers = train_py_offers(f.read())
+    runs = run_table(a.rank, matched_molora_rank(a.rank) if "malora" in offers[0] else 0)
+    notes = [f"{r.name}: skipped, {why}" for r in runs if (why := missing(r, offers))]
+    runs = [r for r in runs if not missing(r, offers)]
+    run_dir = lambda name, seed: os.path.join(a.out, "runs", name, f"seed{seed}")
+
+    # the shared base model: pretrained once (or reused from out/base), then --init-from for all
+    base_cmd = ["train.py", "--method", "lora", "--steps", "0", "--eval-examples", "1", "--seed", "0",
+                "--pretrain-steps", str(a.pretrain_steps), "--out", os.path.join(a.out, "runs", "base")]
+    base_dir = os.path.join(ROOT, a.out, "runs", "base")
+    from common import adapter_meta
+    if not finished(base_dir, base_cmd) or not os.path.exists(
+            os.path.join(ROOT, adapter_meta(os.path.join(base_dir, "adapter.safetensors"))["base"])):
+        print("compare.py: pretraining (or finding) the base model ...", file=sys.stderr)
+        if why := execute(base_cmd, base_dir):
+            sys.exit(f"compare.py: the base model run failed ({why}); see {base_dir}/train.log")
+    base = adapter_meta(os.path.join(base_dir, "adapter.safetensors"))["base"]
+
+    def command(run, seed):
+        steps = max(1, round(run.steps_frac * a.steps))
+        cmd = ["train.py", *run.args, "--steps", str(steps), "--seed", str(seed), "--eval-examples",
+               str(a.eval_examples), "--init-from", base, "--out", run_dir(run.name, seed)]
+        return cmd + (["--init-adapter", os.path.join(run_dir(run.after, seed), "adapter.safetensors")]
+                      if run.after else [])
+
+    failed = {}
+    bar = tqdm(total=len(runs) * a.seeds, desc="compare", dynamic_ncols=True)
+
+    def work(job):
+        run, seed = job
+        if (run.after, seed) in failed:
+            failed[run.name, seed] = f"needs {run.after}, which failed"
+        elif not finished(os.path.join(ROOT, run_dir(run.name, seed)), command(run, seed)):
+            bar.set_postfix_str(f"{run.name} seed {seed}")
+            if why := execute(command(run, seed), os.path.join(ROOT, run_dir(run.name, seed))):
+                failed[run.name, seed] = why
+        bar.update()
+
+    jobs = [(r, s) for s in range(a.seeds) for r in runs]
+    with ThreadPoolExecutor(a.jobs) as pool:
+        list(pool.map(work, [j for j in jobs if not j[0].after]))
+        list(pool.map(work, [j for j in jobs if j[0].after]))          # they start from the first ones
+    bar.close()
+    notes += [f"{name} seed {seed}: FAILED, {why}" for (name, seed), why in failed.items()]
+
+    records = []
+    for run, seed in jobs:
+        d = os.path.join(ROOT, run_dir(run.name, seed))
+        if (run.name, seed) not in failed:
+            with open(os.path.join(d, "metrics.json")) as f, open(os.path.join(d, "run.json")) as g:
+                records.append({"run": run.name, "row": run.row, "task": run.task,
+                                **json.load(g), **json.load(f)})
+    S = summarize(records)
+    wall = time.perf_counter() - t_start
+    title = "every method under one budget" + " (QUICK RUN: a smoke test, not the comparison)" * quick
+    head = [f"# Results: {title}",
+            "", f"`python compare.py {' '.join(sys.argv[1:])}`: {a.steps} steps, per-expert rank "
+            f"{a.rank or 'as each method default'}, {a.seeds} seed(s), {a.eval_examples} held-out examples "
+            f"per task, base {base} (shared); {a.jobs} train.py process(es) at once, one thread each; "
+            f"the runs' wall times sum to {sum(r['wall_seconds'] for r in records) / 60:.1f} min; this "
+            f"invocation took {wall / 60:.1f} min (load average {load_start[0]:.1f} at the start, "
+            f"{os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} CPUs).",
+            *["", BUDGET_NOTE.replace("\n", " ")] * (a.rank == 2)]
+    notes.append(plot(S, [r.row for r in runs if r.table], os.path.join(ROOT, a.out)))
+    os.makedirs(os.path.join(ROOT, a.out), exist_ok=True)
+    with open(os.path.join(ROOT, a.out, "results.json"), "w") as f:
+        json.dump({"budget": vars(a), "runs": records, "notes": notes}, f, indent=1)
+    rows = list(dict.fromkeys(r.row for r in runs if r.table))
+    with open(os.path.join(ROOT, a.out, "RESULTS.md"), "w") as f:
+        f.write(report(S, rows, verdicts(S), head, notes))
+    print(f"wrote {a.out}/RESULTS.md and results.json ({len(records)} runs, {wall / 60:.1f} min)")
+    sys.exit(1 if failed else 0)
