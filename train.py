@@ -69,7 +69,7 @@ p.add_argument("--cfg", action="append", default=[], metavar="FIELD=VALUE",
 p.add_argument("--steps", type=int, default=600, help="fine-tuning steps")
 p.add_argument("--pretrain-steps", type=int, default=1500, help="base-model pretraining steps")
 p.add_argument("--batch-size", type=int, default=64, help="sequences per step")
-p.add_argument("--lr", type=float, default=3e-3, help="peak fine-tuning learning rate")
+p.add_argument("--lr", type=float, default=1e-3, help="peak fine-tuning learning rate (AdamW, warm-up + cosine)")
 p.add_argument("--digits", type=int, default=6, help="L, digits per task input")
 p.add_argument("--n-layer", type=int, default=4, help="tiny GPT depth (when pretraining)")
 p.add_argument("--n-embd", type=int, default=128, help="tiny GPT width (when pretraining)")
