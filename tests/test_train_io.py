@@ -163,7 +163,7 @@ def test_resume_after_a_kill_gives_the_uninterrupted_run(tmp_path):
                       "--init-adapter", tmp_path / "first" / "adapter.safetensors"]})
     changed, resumed, again, evaluated = (wave[k] for k in ("changed", "killed", "whole", "evaluated"))
     assert changed.returncode != 0
-    assert changed.stderr.strip().endswith("was written with lr=0.003, this run has lr=0.01")
+    assert changed.stderr.strip().endswith("was written with lr=0.001, this run has lr=0.01")
     ok(resumed)
     same_result(tmp_path, "first", "killed")
     ok(again)
