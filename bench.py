@@ -36,8 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import (aux_loss, dispatch_compiled, dispatch_grouped, inject, load_balance_loss,
-                    make_router, route)
+from common import (aux_loss, dispatch_compiled, dispatch_fused, dispatch_grouped, dispatch_naive,
+                    inject, load_balance_loss, make_router, route)
 from gpt import GPT, GPTConfig
 from lora import LoRAConfig, LoRALinear
 
@@ -252,15 +252,15 @@ def ratios(rows: list, E: int) -> dict:
     return out
 
 
-def check_paths(name: str, layer: nn.Module, paths: dict, x):
-    """Every path of a layer computes the fused path's update, or the bench stops: a fast wrong
-    baseline would make every ratio meaningless. Reseeded before each, so dropout masks agree."""
+def check_paths(name: str, layer: nn.Module, dispatches: dict, x):
+    """Every dispatch gives the fused update (before the base is added, so that bf16 rounding of
+    base(x) + update does not hide it), or the bench stops: a fast wrong baseline would make every
+    ratio meaningless. Reseeded before each, so dropout masks agree."""
     with torch.no_grad():
-        base = layer.base(x).float()                               # (N, O)
         updates = {}
-        for path, forward in paths.items():
+        for path, dispatch in dispatches.items():
             torch.manual_seed(args.seed)
-            updates[path] = forward(x).float() - base              # (N, O)
+            updates[path] = layer.update(x, dispatch).float()      # (N, O)
     scale = updates["fused"].abs().max().item()
     for path, update in updates.items():
         err = (update - updates["fused"]).abs().max().item() / scale
@@ -297,14 +297,16 @@ def bench_layer(E: int, D: int) -> dict:
             notes.append(f"{name} at E={E}, D={D}: skipped ({e})")
             continue
         nn.init.normal_(layer.lora_B, std=0.02)                    # not zero: B = 0 hides wrong maths
-        paths = {"fused": layer, "naive dense": layer.forward_naive,
-                 "naive sparse": lambda x, m=layer: m._run(x, dispatch_sparse_loop)}
+        dispatches = {"fused": dispatch_fused, "naive dense": dispatch_naive,
+                      "naive sparse": dispatch_sparse_loop}
         if K < E:                                                  # soft routing has nothing to skip
-            paths["grouped"] = lambda x, m=layer: m._run(x, grouped)
+            dispatches["grouped"] = grouped
         if args.compile:                                           # compiled in check_paths, once
-            paths["fused compiled"] = lambda x, m=layer: m._run(x, dispatch_compiled)
-        check_paths(name, layer, paths, x)
-        for path, forward in paths.items():
+            dispatches["fused compiled"] = dispatch_compiled
+        check_paths(name, layer, dispatches, x)
+        public = {"fused": layer, "naive dense": layer.forward_naive}   # the layer's own two paths
+        for path, dispatch in dispatches.items():
+            forward = public.get(path) or (lambda x, m=layer, d=dispatch: m._run(x, d))
             steps[(name, path)] = fwd_bwd(layer, with_aux(layer, forward), x, dy)
     ms = round_robin(steps)
     flops = {key: gflop(step) for key, step in steps.items() if key[1] != "fused compiled"}
