@@ -55,6 +55,9 @@ p.add_argument("--eval-examples", type=int, default=None,
 p.add_argument("--rank", type=int, default=2,
                help="per-expert rank of every method (MALoRA: the MoLoRA rank it replaces; MoDULA: the "
                     "domain rank, universal 2x); 0 keeps each method's defaults")
+p.add_argument("--lr", type=float, default=3e-3,
+               help="peak learning rate of every run (default 3e-3: at train.py's 1e-3, 300 steps of "
+                    "rank 2 leave every method near 0%%, so nothing can be compared)")
 p.add_argument("--pretrain-steps", type=int, default=1500, help="pretraining steps of the shared base model")
 p.add_argument("--jobs", type=int, default=2, help="train.py processes at once, one thread each")
 p.add_argument("--out", default=None, help="output folder (default results; quick: results/quick)")
@@ -420,7 +423,7 @@ if __name__ == "__main__":
 
     def command(run, seed):
         steps = max(1, round(run.steps_frac * a.steps))
-        cmd = ["train.py", *run.args, "--steps", str(steps), "--seed", str(seed), "--eval-examples",
+        cmd = ["train.py", *run.args, "--steps", str(steps), "--lr", str(a.lr), "--seed", str(seed), "--eval-examples",
                str(a.eval_examples), "--init-from", base, "--out", run_dir(run.name, seed)]
         return cmd + (["--init-adapter", os.path.join(run_dir(run.after, seed), "adapter.safetensors")]
                       if run.after else [])
@@ -456,7 +459,7 @@ if __name__ == "__main__":
     wall = time.perf_counter() - t_start
     title = "every method under one budget" + " (QUICK RUN: a smoke test, not the comparison)" * quick
     head = [f"# Results: {title}",
-            "", f"`python compare.py {' '.join(sys.argv[1:])}`: {a.steps} steps, per-expert rank "
+            "", f"`python compare.py {' '.join(sys.argv[1:])}`: {a.steps} steps at lr {a.lr}, per-expert rank "
             f"{a.rank or 'as each method default'}, {a.seeds} seed(s), {a.eval_examples} held-out examples "
             f"per task, base {base} (shared); {a.jobs} train.py process(es) at once, one thread each; "
             f"the runs' wall times sum to {sum(r['wall_seconds'] for r in records) / 60:.1f} min; this "
