@@ -199,12 +199,13 @@ def dispatch_grouped(x, A, B, gates, idx, scaling, act: Callable | None = None):
     return y.to(x.dtype)                                           # each token sums its K rows
 
 
-# E / K from which dispatch_grouped beats dispatch_fused: bench.py, forward + backward of one
-# MoLoRA layer, N=4096, r=8, float32, one thread of a shared 2-core Xeon (--clock cpu), grouped
-# adapter cost / fused adapter cost:
-#   K=2, D=256:   E=8 1.69  E=16 1.17  E=32 0.78  E=64 0.55
-#   K=2, D=1024:  E=8 1.45  E=16 1.04  E=32 0.77  E=64 0.48
-#   K=1, D=256:   E=4 1.25  E=8  1.10  E=16 0.85  E=32 0.54  E=64 0.48
+# E / K from which dispatch_grouped beats dispatch_fused. bench.py, forward + backward of one
+# MoLoRA layer, N=4096, r=8, float32, 2-core Xeon; grouped adapter cost / fused adapter cost:
+#                  one thread (--clock cpu)        two threads, wall clock, quiet machine
+#                  E/K=8   E/K=16  E/K=32          E/K=8   E/K=16  E/K=32
+#   K=2, D=256     1.17    0.78    0.55            1.21    1.20    0.68
+#   K=2, D=1024    1.04    0.77    0.48            1.16    0.77    0.52
+#   K=1, D=256     1.10    0.85    0.54            1.07    0.92    0.85
 # Grouped does K/E of the matmul work but moves (N K, I) and (N K, O) rows about, so the crossover
 # sits near E/K = 16 whatever D. Devices not listed (CUDA: not measured yet) use dispatch_fused.
 GROUPED_FROM_E_OVER_K = {"cpu": 16}
