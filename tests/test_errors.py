@@ -101,19 +101,11 @@ CASES = {
 }
 if not torch.cuda.is_available():
     CASES["no_cuda"] = (["--method", "lora", "--device", "cuda"], "--device cuda: no CUDA device")
-try:
-    import malora  # noqa: F401   (MALoRA may not have landed yet)
-    CASES["malora_shared_rank"] = (["--method", "malora", "--cfg", "rank=12", "--cfg", "shared_rank=8"],
-                                   "MALoRAConfig.shared_rank=8")
-except ImportError:
-    pass
-try:
-    import modula  # noqa: F401   (the staged methods bring --exclude-task and --add-domain)
-    CASES["unknown_domain_added"] = (["--method", "modula", "--add-domain", "nosuch"], "unknown task 'nosuch'")
-    CASES["unknown_domain_excluded"] = (["--method", "modula", "--exclude-task", "nosuch"],
-                                        "unknown task 'nosuch'")
-except ImportError:
-    pass
+CASES["malora_shared_rank"] = (["--method", "malora", "--cfg", "rank=12", "--cfg", "shared_rank=8"],
+                               "MALoRAConfig.shared_rank=8")
+CASES["unknown_domain_added"] = (["--method", "modula", "--add-domain", "nosuch"], "unknown task 'nosuch'")
+CASES["unknown_domain_excluded"] = (["--method", "modula", "--exclude-task", "nosuch"],
+                                    "unknown task 'nosuch'")
 
 
 @pytest.fixture(scope="module")
