@@ -11,10 +11,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tasks  # noqa: E402
 from common import append_expert, count_trainable  # noqa: E402
+from layer_checks import assert_paths_match  # noqa: E402
 from lora import LoRAConfig, LoRALinear  # noqa: E402
 from moa import (MoAConfig, MoALinear, merge, moa_metrics, moa_num_params,  # noqa: E402
                  moa_stages)
-from test_modula import (L, adapted_sizes, changed, expect_only, out_and_grads,  # noqa: E402
+from test_modula import (L, adapted_sizes, changed, expect_only,  # noqa: E402
                          run_stage, run_train, snapshot, tiny_model)
 
 B_, T_, I_, O_, E_ = 3, 7, 37, 53, 5                  # odd shapes: batch, time, in, out, domains
@@ -38,12 +39,7 @@ def test_fused_matches_naive(mode):
         layer.eval()
     layer.active = 1 if mode == "active" else None
     x, dy = torch.randn(B_, T_, I_).double(), torch.randn(B_, T_, O_).double()
-    for ref, out in zip(out_and_grads(layer, layer.forward_naive, x, dy),
-                        out_and_grads(layer, layer.forward, x, dy)):
-        if ref is None:
-            assert out is None
-        else:
-            torch.testing.assert_close(out, ref)
+    assert_paths_match(layer, x, dy)
 
 
 def test_gold_routing_equals_each_domains_single_lora():

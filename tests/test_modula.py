@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tasks  # noqa: E402
 from common import append_expert, count_trainable, inject  # noqa: E402
 from gpt import GPT, GPTConfig  # noqa: E402
+from layer_checks import assert_paths_match  # noqa: E402
 from modula import (UNIVERSAL, MoDULAConfig, MoDULALinear, modula_num_params,  # noqa: E402
                     modula_stages)
 
@@ -21,14 +22,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 L = 2                                                # digits: sequences of T = 2L+2 = 6 tokens
 TINY_TRAIN = ["--steps", "10", "--pretrain-steps", "5", "--n-layer", "1", "--n-embd", "32",
               "--batch-size", "8", "--eval-examples", "10", "--digits", "3"]
-
-
-def out_and_grads(layer, fn, x, dy):
-    """Output and the gradients of x and every trainable parameter (None where unused)."""
-    x = x.clone().requires_grad_()
-    y = fn(x)
-    params = [p for p in layer.parameters() if p.requires_grad]
-    return [y, *torch.autograd.grad(y, [x, *params], dy, allow_unused=True)]
 
 
 @pytest.mark.parametrize("variant", ["flan", "res"])
@@ -41,12 +34,7 @@ def test_fused_matches_naive(variant, active):
         nn.init.normal_(p)                           # B = 0 would make this test trivial
     layer.active = active
     x, dy = torch.randn(N, I).double(), torch.randn(N, O).double()
-    for ref, out in zip(out_and_grads(layer, layer.forward_naive, x, dy),
-                        out_and_grads(layer, layer.forward, x, dy)):
-        if ref is None:
-            assert out is None
-        else:
-            torch.testing.assert_close(out, ref)
+    assert_paths_match(layer, x, dy)
 
 
 @pytest.mark.parametrize("variant", ["flan", "res"])

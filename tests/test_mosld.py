@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from common import dispatch_fused, route
+from layer_checks import assert_compiles_whole, assert_paths_match, assert_zero_update
 from mosld import MoSLDConfig, MoSLDLinear, mosld_num_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,45 +24,21 @@ def make(I=37, O=53, E=5, K=2, r=4, seed=0, **kw):
     return layer
 
 
-def out_and_grads(layer, fn, x, dy, seed=None):
-    if seed is not None:
-        torch.manual_seed(seed)                       # the same DropConnect mask on both paths
-    x = x.clone().requires_grad_()
-    y = fn(x)
-    names, params = zip(*[(n, p) for n, p in layer.named_parameters() if p.requires_grad])
-    assert names == ("shared_A", "lora_B", "router.weight")
-    return [y, *torch.autograd.grad(y, [x, *params], dy)]
-
-
 @pytest.mark.parametrize("K", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("training", [False, True])
 def test_fused_matches_naive(K, training):
     layer = make(K=K, drop_a=0.3, drop_b=0.2).train(training)   # both masks, reseeded
+    assert tuple(n for n, p in layer.named_parameters() if p.requires_grad) == ("shared_A", "lora_B", "router.weight")
     x, dy = torch.randn(7, 37).double(), torch.randn(7, 53).double()
-    ref = out_and_grads(layer, layer.forward_naive, x, dy, seed=1)
-    out = out_and_grads(layer, layer.forward, x, dy, seed=1)
-    for name, a, b in zip(("y", "x", "shared_A", "lora_B", "router"), ref, out):
-        torch.testing.assert_close(b, a, msg=lambda m: f"{name}: {m}")
+    assert_paths_match(layer, x, dy, seed=1, names=("y", "x", "shared_A", "lora_B", "router"))
 
 
 def test_layer_compiles_without_graph_break():
-    """Routing, the mask and the dispatch trace as one graph (fullgraph raises on a break)."""
-    torch._dynamo.reset()
-    layer = make().train()
-    fn = torch.compile(layer, fullgraph=True, backend="eager")
-    x = torch.randn(6, 37).double()
-    torch.manual_seed(2)
-    y = fn(x)
-    torch.manual_seed(2)
-    torch.testing.assert_close(y, layer(x))
+    assert_compiles_whole(make().train(), torch.randn(6, 37).double())
 
 
 def test_update_is_zero_after_reset():
-    layer = make()
-    layer.reset_parameters()
-    x = torch.randn(2, 5, 37).double()
-    torch.testing.assert_close(layer(x), layer.base(x))
-    torch.testing.assert_close(layer.forward_naive(x), layer.base(x))
+    assert_zero_update(make(), torch.randn(2, 5, 37).double())
 
 
 def capture(layer, x):
