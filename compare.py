@@ -35,6 +35,9 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 NEW = tasks.TASKS[-1]          # the domain that the add-a-domain runs learn last
 D_MODEL = 128                  # train.py's default --n-embd, for matching MoLoRA's parameters to MALoRA's
 TOL = 1.0                      # accuracy points: a difference smaller than this is noise (verdicts)
+SWEEP_RANKS = (1, 2, 4, 8)     # check 5: per-expert ranks of the MoLoRA / MALoRA rank sweep
+SWEEP = ("MoLoRA top-2", "MALoRA")
+ROUTER4 = "[0.25,1.0,4.0]"     # MoDULA stage_steps with 4x the router steps of its default
 MIX, PER_TASK, MATCHED = "LoRA, mixture", "LoRA, one per task", "MoLoRA top-2, parameters matched to MALoRA"
 OWN_A = "MoLoRA top-2, q/v, E=5 (own A per expert)"     # MoSLD's experts without the shared A ("MoLA")
 BUDGET_NOTE = """Why rank 2 by default, not the methods' own 8: on these tasks one rank-8 LoRA learns
@@ -122,6 +125,10 @@ def run_table(r: int, matched: int) -> list:
         Run("mosld-drop-b", "MoSLD dropout on B", m("mosld", "--variant", "drop-b")),
         Run("modula-flan", "MoDULA-Flan", m("modula", "--variant", "flan")),
         Run("modula-res", "MoDULA-Res", m("modula", "--variant", "res")),
+        Run("modula-flan-router4", "MoDULA-Flan, 4x router steps",
+            m("modula", "--variant", "flan", "--cfg", f"stage_steps={ROUTER4}")),
+        Run("modula-res-router4", "MoDULA-Res, 4x router steps",
+            m("modula", "--variant", "res", "--cfg", f"stage_steps={ROUTER4}")),
         Run("modula-res-minus", f"MoDULA-Res without {NEW}",
             m("modula", "--variant", "res", "--exclude-task", NEW), table=False),
         Run("modula-res-add", f"MoDULA-Res, {NEW} added later",
@@ -129,7 +136,15 @@ def run_table(r: int, matched: int) -> list:
         Run("moa", "MoA-style", m("moa")),
         Run("moa-minus", f"MoA-style without {NEW}", m("moa", "--exclude-task", NEW), table=False),
         Run("moa-add", f"MoA-style, {NEW} added later", m("moa", "--add-domain", NEW), after="moa-minus"),
+        *[Run(f"sweep-{method}-r{rs}", sweep_row(label, rs), ("--method", method, *budget_cfg(method, rs),
+              *variant), table=False)
+          for rs in SWEEP_RANKS for method, label, variant in (("molora", SWEEP[0], ("--variant", "top2")),
+                                                              ("malora", SWEEP[1], ()))],
     ]
+
+
+def sweep_row(label: str, r: int) -> str:
+    return f"{label}, rank {r}"
 
 
 def train_py_offers(source: str) -> tuple:
@@ -219,7 +234,9 @@ def summarize(records: list) -> dict:
                 "base_general": 100 * rs[0]["base_accuracy"][tasks.GENERAL],
                 "params": sum(r["trainable_params"] for r in rs),
                 "tps": statistics.mean(r["tokens_per_second"] for r in rs),
-                "wall": sum(r["wall_seconds"] for r in rs), "add_domain": rs[0].get("add_domain")})
+                "wall": sum(r["wall_seconds"] for r in rs), "add_domain": rs[0].get("add_domain"),
+                "own_expert": 100 * statistics.mean(rs[0]["oracle_routing_accuracy"][t] for t in tasks.TASKS)
+                if "oracle_routing_accuracy" in rs[0] else None})
     return out
 
 
@@ -288,13 +305,32 @@ def pluggable(S) -> tuple:
     return ("holds" if all(ok) else "does not hold"), "; ".join(texts)
 
 
+def overfits(S) -> tuple:
+    """Check 5: MoLoRA's mean accuracy peaks at a lower rank of the sweep than MALoRA's, or at the
+    same rank, then falls by the largest rank (more than TOL and the spread) while MALoRA's does not."""
+    peak, falls, texts = {}, {}, []
+    for label in SWEEP:
+        rows = [(r, sweep_row(label, r)) for r in SWEEP_RANKS if sweep_row(label, r) in S]
+        if len(rows) < 2:
+            raise KeyError(f"the rank sweep of {label}")
+        peak[label], top = max(rows, key=lambda rr: avg(S, rr[1], "mean"))
+        d, spread = delta(S, top, rows[-1][1])
+        falls[label] = d > max(TOL, spread)
+        accs = "/".join(f"{avg(S, row, 'mean'):.1f}" for _, row in rows)
+        after = f"then -{d:.1f} by r={rows[-1][0]}" if falls[label] else "no fall after it"
+        texts.append(f"{label} r={'/'.join(str(r) for r, _ in rows)}: {accs} (peak r={peak[label]}, {after})")
+    molora, malora = SWEEP
+    holds = falls[molora] and (peak[molora] < peak[malora] or not falls[malora])
+    return ("holds" if holds else "does not hold"), "; ".join(texts)
+
+
 def keeps_general(S) -> tuple:
     g, base = avg(S, "MoDULA-Res", "general"), avg(S, "MoDULA-Res", "base_general")
     return ("holds" if g >= base - 2 else "does not hold"), \
         f"{tasks.GENERAL}: base {base:.1f}, MoDULA-Res {g:.1f}"
 
 
-CHECKS = [  # (§8 check, claim, the paper's numbers, verdict function or None: not run)
+CHECKS = [  # (§8 check, claim, the paper's numbers, verdict function)
     ("1", "Interference: one LoRA on the mixture is below one LoRA per task",
      "MALoRA T1: 54.7 mixture vs 57.0 single-task; MoSLD T3: 52.47 vs 53.58",
      lambda S: beats(S, PER_TASK, MIX)),
@@ -315,7 +351,7 @@ CHECKS = [  # (§8 check, claim, the paper's numbers, verdict function or None: 
      "MoSLD Fig. 5: accuracy mostly falls as p rises",
      lambda S: beats(S, "MoSLD p=0.1", "MoSLD p=0.3")),
     ("5", "Raising the rank overfits MoLoRA sooner than MALoRA",
-     "MALoRA T11: MoLoRA r=4/8/16/32 53.12/55.33/56.19/55.74; MALoRA 54.28/56.27/56.61/56.69", None),
+     "MALoRA T11: MoLoRA r=4/8/16/32 53.12/55.33/56.19/55.74; MALoRA 54.28/56.27/56.61/56.69", overfits),
     ("6", "MALoRA's step is faster than MoLoRA's (x S_A computed once)",
      "MALoRA T10: 14.69 s vs 17.57 s, 0.84x", step_time),
     ("7", f"Adding a domain ({NEW}) keeps old tasks, touches <= 25%, matches a MoLoRA retrain",
@@ -332,7 +368,7 @@ def verdicts(S: dict) -> list:
     out = []
     for n, claim, paper, fn in CHECKS:
         try:
-            verdict, ours = fn(S) if fn else ("not run", "needs a rank sweep, outside this budget")
+            verdict, ours = fn(S)
         except KeyError as e:
             verdict, ours = "not run", f"missing runs: {e}"
         out.append((n, claim, verdict, ours, paper))
@@ -354,6 +390,21 @@ def report(S: dict, rows: list, checks: list, head: list, notes: list) -> str:
         out.append(f"| {row} | {ss[0]['params']:,} | {' | '.join(accs)} | {fmt([s['mean'] for s in ss])} | "
                    f"{fmt([s['general'] for s in ss])} | {fmt([s['tps'] for s in ss], 0)} | "
                    f"{fmt([s['wall'] for s in ss], 0)} |")
+    if any(sweep_row(label, r) in S for label in SWEEP for r in SWEEP_RANKS):
+        out += ["", "## Rank sweep (check 5): mean task accuracy %, trainable parameters", "",
+                f"| method | {' | '.join(f'rank {r}' for r in SWEEP_RANKS)} |", "|---" * (len(SWEEP_RANKS) + 1) + "|"]
+        for label in SWEEP:
+            cells = [f"{fmt([s['mean'] for s in S[row]])} ({S[row][0]['params']:,})" if row in S else "not run"
+                     for row in (sweep_row(label, r) for r in SWEEP_RANKS)]
+            out.append(f"| {label} | {' | '.join(cells)} |")
+    staged = [r for r in rows if r in S and S[r][0]["own_expert"] is not None]
+    if staged:
+        out += ["", "## Staged methods: routed, and each task through its own expert alone", "",
+                "The second column is the experts' quality apart from the router's (oracle routing: "
+                "task t through expert t only); the gap between the columns is the router's.", "",
+                "| method | routed, mean | own expert alone, mean |", "|---|---|---|"]
+        out += [f"| {r} | {fmt([s['mean'] for s in S[r]])} | {fmt([s['own_expert'] for s in S[r]])} |"
+                for r in staged]
     out += ["", "## Qualitative checks (METHODS.md §8)", "",
             f"A difference counts when it is larger than {TOL:g} point and than its spread over seeds "
             "(paired by seed).", "", "| § | claim | here | ours | paper |", "|---|---|---|---|---|"]

@@ -15,7 +15,7 @@ Res (serial plus residual, Fig. 1c): the domain experts read the universal updat
     y = W0 x + h + sum_i s_i c_i B_i LeakyReLU(A_i h),  A_i (r_d, O)
 
 c_j = alpha / r_j, r_* = 16, r_d = 8. The three stages (METHODS.md 4(c)), each with its forward:
-1. the universal expert alone on the general data: y = W0 x + c_* B_* A_* x;
+1. the universal expert alone on universal data: y = W0 x + c_* B_* A_* x;
 2. each domain expert i alone on its own data, the universal one frozen:
    Flan y = W0 x + c_i B_i A_i x (Eq. 4); Res y = W0 x + h + c_i B_i LeakyReLU(A_i h), s_i = 1;
 3. the routers only, with every expert frozen, on the mixture of general and domain data.
@@ -28,7 +28,10 @@ Not included: merging (routing is per token, and Res is nonlinear in x); LoRA dr
 "w/o Res" ablation of Table 6.
 Deviations: alpha and the LeakyReLU slope are not reported: one alpha = 16 for every expert
 (c_* = 1, c_d = 2), slope 0.01 (PyTorch's default). The router's data mix is not stated: stage 3
-uses the general task plus every domain, uniformly (METHODS.md 4(b)). The paper trains one epoch
+uses the general task plus every domain, uniformly (METHODS.md 4(b)). The universal data
+(airoboros-3.2, broad instructions, in the paper) is here that same mixture: on the general task
+alone, which the base model already solves, B_* stays at its zero init, so h = 0 and Res's domain
+experts, which read h, get no gradient at all (measured: 0 % on every task). The paper trains one epoch
 per stage; here stage 3 gets as many steps as all of stage 2 (stage_steps), since a router over
 frozen experts is slow to learn on the synthetic tasks (150 steps left Res near 0 %).
 """
@@ -134,8 +137,8 @@ def modula_stages(cfg: MoDULAConfig, domains: tuple, general: str, new: str | No
     forward: the others get exactly zero gradient, so AdamW without weight decay (train.py) leaves
     them bit-identical; tests/test_modula.py checks it."""
     universal_frac, domain_frac, router_frac = cfg.stage_steps
-    plan = [] if new else [
-        Stage("universal", (general,), setup=stage_mode(UNIVERSAL), steps_frac=universal_frac,
+    plan = [] if new else [                              # universal data: general + every domain
+        Stage("universal", (general, *domains), setup=stage_mode(UNIVERSAL), steps_frac=universal_frac,
               params=lambda layers: [p for m in layers for p in (m.universal_A, m.universal_B)])]
     plan += [Stage(f"domain {t}", (t,), setup=stage_mode(i), steps_frac=domain_frac / len(domains),
                    params=lambda layers: [p for m in layers for p in (m.lora_A, m.lora_B)])

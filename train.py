@@ -26,7 +26,7 @@ from tqdm import tqdm
 import tasks
 from common import (Stage, adapter_meta, adapter_state_dict, append_expert, aux_loss, base_hash,
                     count_trainable, inject, layer_config, load_adapter, load_adapter_state,
-                    save_adapter)
+                    save_adapter, stage_mode)
 from gpt import GPT, GPTConfig, load_pretrained, save_checkpoint
 from lora import LoRAConfig, LoRALinear
 from malora import MALORA_SMALL, MALoRAConfig, MALoRALinear
@@ -367,6 +367,13 @@ if args.method in EXTRA_METRICS:                           # e.g. MoA's router a
     ids = tasks.task_ids_for(domains, args.eval_examples, torch.Generator().manual_seed(4321))
     x_eval, _ = tasks.lm_inputs(*tasks.make_batch(ids, L, "eval", torch.Generator().manual_seed(4321)))
     extra = EXTRA_METRICS[args.method](model, layers, x_eval.to(device), domain_of[ids.to(device)])
+if args.method in STAGES:                                  # each domain through its own expert alone:
+    oracle = {}                                            # the experts' quality apart from the router's
+    for j, t in enumerate(domains):
+        stage_mode(j)(layers)
+        oracle[t] = tasks.accuracy(model, t, args.eval_examples, L)
+    stage_mode(None)(layers)
+    extra["oracle_routing_accuracy"] = oracle
 if args.add_domain:                                        # issue 5: old tasks kept, few parameters
     retrain = sum(molora_num_params(m.base.in_features, m.base.out_features,
                                     MoLoRAConfig(targets=cfg.targets)) for m in layers)
@@ -388,10 +395,11 @@ metrics = {
     "stages": stage_log, "tasks": list(domains), **extra, "add_domain": added or None,
     "seed": args.seed, "device": args.device, "processes": world,
 }
-print(f"\n{'task':<10} {'base':>6} {args.method:>8}")
+oracle = extra.get("oracle_routing_accuracy", {})
+print(f"\n{'task':<10} {'base':>6} {args.method:>8}" + ("  own expert alone" if oracle else ""))
 for t in tasks.ALL_TASKS:
     label = f"{t}*" if t == tasks.GENERAL else t
-    print(f"{label:<10} {base_acc[t]:>6.1%} {acc[t]:>8.1%}")
+    print(f"{label:<10} {base_acc[t]:>6.1%} {acc[t]:>8.1%}" + (f" {oracle[t]:>18.1%}" if t in oracle else ""))
 print(f"(* general task: the base was pretrained on it; a drop is forgetting)\n"
       f"mean task accuracy {sum(metrics['per_task_accuracy'].values()) / len(tasks.TASKS):.1%}, "
       f"trainable {metrics['trainable_params']:,} of {metrics['total_params']:,} parameters, "

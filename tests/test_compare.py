@@ -116,3 +116,25 @@ def test_checks_on_synthetic_rows():
     S["MoLoRA top-2, parameters matched to MALoRA"] = seeds([80, 80, 80], tps=800.0)
     step = next((v, ours) for n, _, v, ours, _ in compare.verdicts(S) if n == "6")
     assert step == ("holds", "MALoRA step = 0.80 x MoLoRA's (whole CPU train step)")   # more tokens/s
+
+
+def test_rank_sweep_runs_and_verdict():
+    runs = {r.name: r for r in compare.run_table(2, 3)}
+    for r in compare.SWEEP_RANKS:
+        assert f"rank={r}" in runs[f"sweep-molora-r{r}"].args and "top2" in runs[f"sweep-molora-r{r}"].args
+        assert runs[f"sweep-malora-r{r}"].args[:2] == ("--method", "malora")
+    row = compare.sweep_row
+    molora, malora = compare.SWEEP
+    check5 = lambda S: next((v, ours) for n, _, v, ours, _ in compare.verdicts(S) if n == "5")
+    S = {row(molora, 1): seeds([70, 71, 72]), row(molora, 2): seeds([90, 91, 92]),
+         row(molora, 4): seeds([80, 81, 79]), row(molora, 8): seeds([60, 61, 62]),
+         **{row(malora, r): seeds([v] * 3) for r, v in zip(compare.SWEEP_RANKS, (70, 80, 85, 86))}}
+    verdict, ours = check5(S)
+    assert verdict == "holds" and "peak r=2, then -30.0 by r=8" in ours and "peak r=8" in ours
+    S[row(malora, 8)] = seeds([50, 50, 50])                          # MALoRA falls too, later peak
+    assert check5(S)[0] == "holds"
+    S[row(malora, 2)] = seeds([95, 95, 95])                          # MALoRA peaks first: no
+    assert check5(S)[0] == "does not hold"
+    flat = {row(m, r): seeds([100, 100, 100]) for m in compare.SWEEP for r in compare.SWEEP_RANKS}
+    assert check5(flat) == ("does not hold", f"{molora} r=1/2/4/8: 100.0/100.0/100.0/100.0 (peak r=1, "
+                            f"no fall after it); {malora} r=1/2/4/8: 100.0/100.0/100.0/100.0 (peak r=1, no fall after it)")

@@ -139,6 +139,7 @@ def test_each_stage_changes_only_its_parameters(variant):
     model, layers = tiny_model(MoDULALinear, cfg)
     plan = modula_stages(cfg, domains, tasks.GENERAL)
     assert [s.name for s in plan] == ["universal", "domain add1", "domain neg", "domain mul3", "router"]
+    assert plan[0].tasks == plan[-1].tasks == (tasks.GENERAL, *domains)   # universal data: everything
     everything = slice(None)
     for stage in plan:
         before = snapshot(layers)
@@ -210,6 +211,8 @@ def test_train_py_runs_the_stages_and_adds_a_domain(tmp_path):
     formula = lambda part, c=cfg: sum(modula_num_params(I, O, c, part) for I, O in sizes)
     assert [s["params_changed"] for s in m["stages"]] == [
         formula("universal"), *[formula("domain")] * 4, formula("router")]
+    assert set(m["oracle_routing_accuracy"]) == set(m["tasks"])      # each domain through its expert
+    assert all(0 <= a <= 1 for a in m["oracle_routing_accuracy"].values())
 
     m2 = run_train(tmp_path, "--method", "modula", "--add-domain", "addpos", "--init-adapter",
                    str(tmp_path / "four" / "adapter.safetensors"), out="five")
