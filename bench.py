@@ -10,7 +10,7 @@ For each (E, D) it times, side by side, round-robin, the median of --repeats aft
   single LoRA E*r   lora.LoRALinear of rank E*r: dense routing's GEMM work with no router, the floor
   router            common.route + balancing loss alone (part of every method row below)
 and for each method (MoLoRA; MoSLD and MALoRA when their files are there):
-  fused             layer(x), common.dispatch_fused: the path every layer takes
+  fused             common.dispatch_fused: the path layer(x) takes below the E / K crossover
   naive dense       layer.forward_naive(x): the loop over experts, every expert on every token
   naive sparse      each expert on its routed tokens only, index_add back (MixLoRA-style, below)
   grouped           common.dispatch_grouped: pairs sorted by expert, grouped GEMMs
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import (aux_loss, dispatch_compiled, dispatch_fused, dispatch_grouped, dispatch_naive,
-                    inject, load_balance_loss, make_router, route)
+                    inject, load_balance_loss, make_router, resolve_gates, route)
 from gpt import GPT, GPTConfig
 from lora import LoRAConfig, LoRALinear
 
@@ -139,6 +139,7 @@ def dispatch_sparse_loop(x, A, B, gates, scaling, act=None):
     """MixLoRA-style baseline, not a library path: each expert runs on the tokens whose gate for
     it is nonzero (a data-dependent nonzero per expert) and its output is added back with
     index_add. Same signature as common.dispatch_fused, so layer._run can use it."""
+    gates = resolve_gates(gates, x)[0]                             # (N, E)
     y = x.new_zeros(x.shape[0], B.shape[1])                        # (N, O)
     for e in range(B.shape[0]):
         tok = gates[:, e].nonzero().squeeze(1)                     # (n_e,) tokens routed to e
@@ -151,10 +152,12 @@ def dispatch_sparse_loop(x, A, B, gates, scaling, act=None):
 
 
 def grouped_with(top_k: int):
-    """common.dispatch_grouped behind the dispatch signature the layers call: the layers hand
-    dispatch dense gates, so idx is recovered with a topk over them (about one extra (N, E) op)."""
+    """common.dispatch_grouped behind the dispatch signature the layers call. A Router gives idx;
+    dense gates (MALoRA's, routed outside the dispatch) need a topk over them (one (N, E) op)."""
     def dispatch(x, A, B, gates, scaling, act=None):
-        return dispatch_grouped(x, A, B, gates, gates.topk(top_k, dim=-1).indices, scaling, act)
+        gates, idx = resolve_gates(gates, x)
+        return dispatch_grouped(x, A, B, gates, gates.topk(top_k, dim=-1).indices if idx is None else idx,
+                                scaling, act)
     return dispatch
 
 
@@ -304,7 +307,7 @@ def bench_layer(E: int, D: int) -> dict:
         if args.compile:                                           # compiled in check_paths, once
             dispatches["fused compiled"] = dispatch_compiled
         check_paths(name, layer, dispatches, x)
-        public = {"fused": layer, "naive dense": layer.forward_naive}   # the layer's own two paths
+        public = {"naive dense": layer.forward_naive}             # the layer's own loop
         for path, dispatch in dispatches.items():
             forward = public.get(path) or (lambda x, m=layer, d=dispatch: m._run(x, d))
             steps[(name, path)] = fwd_bwd(layer, with_aux(layer, forward), x, dy)

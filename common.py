@@ -60,23 +60,35 @@ def _mix_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def route(x: torch.Tensor, router: nn.Linear, top_k: int, renormalize: bool = True):
-    """Token routing: softmax over E in (at least) float32, then keep the top K (METHODS.md 1(b)).
+def _softmax(logits: torch.Tensor) -> torch.Tensor:
+    """softmax over the last dim, written out: ATen's CPU softmax is slow when that dim is E ~ 8
+    (forward + backward at N=4096, E=8, one thread: 0.92 ms, against 0.34 ms for these four ops).
+    The max is detached: softmax does not change under a shift, so its gradient would be zero."""
+    e = (logits - logits.detach().amax(-1, keepdim=True)).exp()   # (N, E), largest term exp(0) = 1
+    return e / e.sum(-1, keepdim=True)
 
-    Returns logits (N, E), probs (N, E), dense gates (N, E) that are zero outside the top-k, and
-    idx (N, K), the kept experts. With K == E the routing is soft: gates == probs, idx is None.
-    Fixed shapes, no boolean masks: safe for torch.compile(fullgraph=True).
-    """
-    dt = _mix_dtype(x)
-    logits = F.linear(x.to(dt), router.weight.to(dt))              # (N, E), >= float32 (MoLoRA code)
-    probs = logits.softmax(-1)                                     # (N, E)
+
+def gate(logits: torch.Tensor, top_k: int, renormalize: bool = True):
+    """Router logits (N, E), at least float32 -> probs (N, E), gates (N, E) that are zero outside
+    the top-k, and idx (N, K), the kept experts. With K == E the routing is soft: gates == probs
+    and idx is None. Fixed shapes, no boolean masks: safe for torch.compile(fullgraph=True)."""
+    probs = _softmax(logits)                                       # (N, E)
     if top_k == probs.shape[-1]:                                   # soft routing: every expert kept
-        return logits, probs, probs, None
+        return probs, probs, None
     top, idx = probs.topk(top_k, dim=-1)                           # (N, K), (N, K)
     if renormalize:
         top = top / top.sum(-1, keepdim=True)                      # the K kept weights sum to 1 (Eq. 1)
     gates = torch.zeros_like(probs).scatter(-1, idx, top)          # (N, E), zero outside the top-k
-    return logits, probs, gates, idx
+    return probs, gates, idx
+
+
+def route(x: torch.Tensor, router: nn.Module, top_k: int, renormalize: bool = True):
+    """Token routing: logits W_g x in (at least) float32, softmax over E, keep the top K
+    (METHODS.md 1(b)). router: anything with a .weight (E, I) (nn.Linear, Router).
+    Returns logits (N, E) and gate(logits): probs (N, E), gates (N, E), idx (N, K) or None."""
+    dt = _mix_dtype(x)
+    logits = F.linear(x.to(dt), router.weight.to(dt))              # (N, E), >= float32 (MoLoRA code)
+    return (logits, *gate(logits, top_k, renormalize))
 
 
 def load_balance_loss(probs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -85,10 +97,50 @@ def load_balance_loss(probs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     f_e: share of the (token, slot) picks that go to expert e.  P_e: mean router probability of e.
     Equals 1 when routing is perfectly uniform, E when every token goes to one expert.
     """
-    E = probs.shape[-1]
-    f = F.one_hot(idx, E).float().mean(dim=(0, 1))                 # (E,)
+    N, E = probs.shape
+    picks = torch.zeros(N, E, device=probs.device).scatter(-1, idx, 1.0)   # (N, E), K ones per row
+    f = picks.mean(0) / idx.shape[-1]                              # (E,), sums to 1; no gradient
     P = probs.float().mean(0)                                      # (E,)
     return E * (f * P).sum()
+
+
+class Router(nn.Module):
+    """The token router of MoLoRA, MoSLD and MALoRA (METHODS.md 1(b)): a bias-free W_g (E, I),
+    N(0, 0.02^2) as in the MoLoRA code; softmax in float32 at least; the top K (renormalised);
+    K = E (top_k None) is soft routing. `router(x)` (N, I) -> gates (N, E). A dispatch that is
+    handed the Router instead of gates may compute W_g x inside its own matmul (dispatch_fused).
+
+    Each call keeps, for its layer: `idx` (N, K) (None when soft) and `balance_loss`, the Switch
+    loss of the call (None when soft: the original MoLoRA has none).
+    """
+
+    def __init__(self, in_features: int, num_experts: int, top_k: int | None = None,
+                 renormalize: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, in_features))   # (E, I)
+        self.top_k, self.renormalize = top_k or num_experts, renormalize
+        self.idx = self.balance_loss = None
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gate(route(x, self, self.top_k, self.renormalize)[0])
+
+    def gate(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits (N, E), at least float32 -> gates (N, E); keeps idx and balance_loss."""
+        probs, gates, self.idx = gate(logits, self.top_k, self.renormalize)
+        self.balance_loss = None if self.idx is None else load_balance_loss(probs, self.idx)
+        return gates
+
+
+def resolve_gates(gates, x: torch.Tensor) -> tuple:
+    """A dispatch's `gates` argument, a tensor (N, E) or a Router, -> (gates (N, E), idx (N, K) or
+    None: None for a tensor, which carries no top-k indices)."""
+    if isinstance(gates, Router):
+        return gates(x), gates.idx
+    return gates, None
 
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -99,22 +151,31 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- dispatch
 
 
-def _expert_inputs(x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    """x A_e^T for every expert: (N, E, r) from per-expert A (E, r, I), or (N, 1, r) from shared A.
-    Per expert it is einsum("ni,eri->ner", x, A) written as one plain mm on the (E*r, I) view of A,
-    which skips einsum's bookkeeping: about 4% of a MoLoRA layer's adapter cost on CPU (bench.py)."""
-    if A.dim() == 2:                                               # shared input side: once per token
-        return (x @ A.T)[:, None, :]                               # (N, 1, r), the same z for every expert
-    E, r, I = A.shape
-    return (x @ A.reshape(E * r, I).T).view(-1, E, r)             # (N, E*r) -> (N, E, r)
+def _expert_inputs(x: torch.Tensor, A: torch.Tensor, router: Router | None = None):
+    """x A_e^T for every expert: (N, E, r) from per-expert A (E, r, I), or (N, 1, r) from shared A,
+    as one plain mm on the (E*r, I) view of A (einsum's bookkeeping costs ~4% of a layer on CPU).
+
+    With a router whose logits may be formed in x's dtype (float32 or float64; bf16 logits would
+    not be float32), its W_g (E, I) rides along in the same mm: one pass over x forward and one
+    dL/dx matmul backward instead of two each, which is most of a router's cost on CPU (bench.py).
+    Returns (h, router logits (N, E) or None)."""
+    r, I = A.shape[-2:]
+    W = A.reshape(-1, I)                                           # (E*r, I) or (r, I)
+    fold = router is not None and x.dtype == _mix_dtype(x)
+    if fold:
+        W = torch.cat([W, router.weight.to(x.dtype)])             # (E*r + E, I)
+    z = x @ W.T                                                    # (N, E*r [+ E])
+    h = z[:, :A.numel() // I].view(x.shape[0], -1, r)              # (N, E, r) or (N, 1, r)
+    return h, (z[:, A.numel() // I:] if fold else None)
 
 
 def dispatch_naive(x, A, B, gates, scaling, act: Callable | None = None):
     """y = scaling * sum_e g_e * B_e act(A_e x), one expert at a time. The reference.
 
-    x (N, I); A (E, r, I) per expert or (r, I) shared; B (E, O, r); gates (N, E).
-    Every expert runs on every token; top-k shows up only as zero gates.
+    x (N, I); A (E, r, I) per expert or (r, I) shared; B (E, O, r); gates (N, E), or a Router
+    that computes them from x. Every expert runs on every token; top-k shows up only as zero gates.
     """
+    gates = resolve_gates(gates, x)[0]                             # (N, E)
     y = x.new_zeros(x.shape[0], B.shape[1], dtype=_mix_dtype(x))   # (N, O)
     for e in range(B.shape[0]):
         A_e = A if A.dim() == 2 else A[e]                          # (r, I)
@@ -132,10 +193,13 @@ def dispatch_fused(x, A, B, gates, scaling, act: Callable | None = None):
     the compute dtype before the second matmul, so bf16/fp16 inputs lose nothing in the mixing.
     No .item(), no data-dependent shapes: torch.compile(fullgraph=True) captures it whole.
     `scaling` multiplies the (N, E) gates rather than the (N, O) output: the same product, and one
-    pass over N*O numbers fewer each way.
+    pass over N*O numbers fewer each way. Handed a Router, it forms the router logits in the
+    matmul that forms x A^T (_expert_inputs), then gates them.
     """
     N, (E, O, r) = x.shape[0], B.shape
-    h = _expert_inputs(x, A)                                       # (N, E, r) or (N, 1, r)
+    router = gates if isinstance(gates, Router) else None
+    h, logits = _expert_inputs(x, A, router)                       # (N, E, r) or (N, 1, r); (N, E)
+    gates = router.gate(logits) if logits is not None else resolve_gates(gates, x)[0]   # (N, E)
     if act is not None:
         h = act(h)
     h = (h.to(_mix_dtype(x)) * (scaling * gates)[..., None]).to(x.dtype)   # (N, E, r)
@@ -162,7 +226,8 @@ def _per_expert_mm(a: torch.Tensor, W: torch.Tensor, ends: torch.Tensor, pad: in
 def dispatch_grouped(x, A, B, gates, idx, scaling, act: Callable | None = None):
     """Same maths as dispatch_fused, but each expert runs only on the tokens routed to it.
 
-    idx (N, K): the experts kept per token (from `route`). The N*K (token, slot) pairs are sorted
+    idx (N, K): the experts kept per token (from `route`); None when gates is a Router, which
+    gives them. The N*K (token, slot) pairs are sorted
     by expert, so each factor is one grouped GEMM and the matmul work is N K r (I + O) instead of
     N E r (I + O): the path for large E / K. The GEMM is torch._grouped_mm where this build has a
     fast one (CUDA, bf16, sm90+). Elsewhere every expert's block is padded to the largest block
@@ -171,6 +236,8 @@ def dispatch_grouped(x, A, B, gates, idx, scaling, act: Callable | None = None):
     add nothing, forward or backward. Gates mix in float32 as in dispatch_fused. Each token sums
     its K rows with index_add, whose atomic adds on CUDA may vary the last bit for K > 2.
     """
+    if isinstance(gates, Router):
+        gates, idx = resolve_gates(gates, x)                       # (N, E), (N, K)
     (N, K), (E, O, r) = idx.shape, B.shape
     pairs = torch.arange(N * K, device=x.device)                  # (N*K,) (token, slot), token-major
     expert = idx.reshape(-1)                                       # (N*K,) expert of each pair
@@ -212,10 +279,15 @@ GROUPED_FROM_E_OVER_K = {"cpu": 16}
 
 
 def dispatch_auto(x, A, B, gates, scaling, act: Callable | None = None, idx=None):
-    """dispatch_fused, or dispatch_grouped when routing is top-k (idx (N, K) given) and E / K is
-    at least the crossover measured for this device type (GROUPED_FROM_E_OVER_K)."""
+    """dispatch_fused, or dispatch_grouped when routing is top-k (gates a top-k Router, or a tensor
+    with its idx (N, K)) and E / K is at least the crossover measured for this device type
+    (GROUPED_FROM_E_OVER_K). The path every routed layer's forward takes. On CPU the grouped
+    path reads a block size back to the host, so torch.compile(fullgraph=True) of a layer holds
+    only below the crossover; train.py --compile does not ask for fullgraph."""
+    E = B.shape[0]
+    K = gates.top_k if isinstance(gates, Router) else idx.shape[1] if idx is not None else E
     crossover = GROUPED_FROM_E_OVER_K.get(x.device.type)
-    if idx is not None and crossover is not None and B.shape[0] >= crossover * idx.shape[1]:
+    if K < E and crossover is not None and E >= crossover * K:
         return dispatch_grouped(x, A, B, gates, idx, scaling, act)
     return dispatch_fused(x, A, B, gates, scaling, act)
 
@@ -244,8 +316,9 @@ dispatch_compiled = torch.compile(dispatch_fused, fullgraph=True, dynamic=False)
 class AdaptedLinear(nn.Module):
     """A frozen nn.Linear plus an update. Subclasses define `update(x, dispatch) -> (N, O)`.
 
-    `forward` runs `update` with the fused dispatch, `forward_naive` with the loop, so the two
-    paths share every line except the dispatch, and a test comparing them compares only that.
+    `forward` runs `update` with dispatch_auto (dispatch_fused; dispatch_grouped from the measured
+    E / K crossover), `forward_naive` with the loop, so the paths share every line except the
+    dispatch, and a test comparing them compares only that.
     A layer with a balancing loss leaves it in `self.aux` for `aux_loss(model)` to collect.
     """
 
@@ -261,7 +334,7 @@ class AdaptedLinear(nn.Module):
         return self.base(x) + dy.reshape(*x.shape[:-1], -1).to(x.dtype)
 
     def forward(self, x):
-        return self._run(x, dispatch_fused)
+        return self._run(x, dispatch_auto)
 
     def forward_naive(self, x):
         return self._run(x, dispatch_naive)

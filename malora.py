@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from common import AdaptedLinear, check_field, load_balance_loss, lora_uniform_, make_router, route
+from common import AdaptedLinear, Router, check_field, lora_uniform_
 
 
 @dataclass
@@ -74,12 +74,12 @@ class MALoRALinear(AdaptedLinear):
         super().__init__(base, cfg.aux_loss_coef)
         I, O, E, r, S = base.in_features, base.out_features, cfg.num_experts, cfg.rank, cfg.shared_rank
         check_field("MALoRAConfig", "shared_rank", S, S <= I, f"<= in_features ({I}): S_A is (S, I)")
-        self.top_k, self.renormalize, self.beta = cfg.top_k, cfg.renormalize, cfg.beta
+        self.beta = cfg.beta
         self.scaling = cfg.alpha / r
         self.shared_A = nn.Parameter(torch.empty(S, I))
         self.lora_P = nn.Parameter(torch.empty(E, r, S))
         self.lora_B = nn.Parameter(torch.empty(E, O, r))
-        self.router = make_router(I, E)
+        self.router = Router(I, E, cfg.top_k, cfg.renormalize)
         self.dropout = nn.Dropout(cfg.dropout)
         self.reset_parameters()
 
@@ -91,13 +91,12 @@ class MALoRALinear(AdaptedLinear):
         self.lora_P.copy_((U * sigma[:, None, :])[:, :r] / self.beta)   # (E, r, S)  (U Sigma)[:r]/beta
         self.shared_A.copy_(self.beta * V[0])             # (S, I)  beta V_0: orthonormal rows x beta
         nn.init.zeros_(self.lora_B)                       # B = 0 -> update = 0 -> output == base(x)
-        nn.init.normal_(self.router.weight, std=0.02)
+        self.router.reset_parameters()
 
     def update(self, x, dispatch):
         """x (N, I) -> scaling * sum_t G_t B_t P_t S_A x, (N, O); S_A x is formed once per token."""
-        _, probs, gates, idx = route(x, self.router, self.top_k, self.renormalize)  # (N, E) gates
-        if idx is not None:                               # top-k: balance it (K == E is soft)
-            self.aux = load_balance_loss(probs, idx)
+        gates = self.router(x)                            # (N, E)  the router reads x, not z
+        self.aux = self.router.balance_loss               # top-k: balanced (K == E is soft: None)
         z = self.dropout(x) @ self.shared_A.T             # (N, S)  Eq. 6: z = S_A x, once per token
         return dispatch(z, self.lora_P, self.lora_B, gates, self.scaling)  # (N, O)  Eq. 7
 

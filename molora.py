@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from common import AdaptedLinear, check_field, load_balance_loss, make_router, route
+from common import AdaptedLinear, Router, check_field
 
 
 @dataclass
@@ -46,25 +46,25 @@ class MoLoRALinear(AdaptedLinear):
     def __init__(self, base: nn.Linear, cfg: MoLoRAConfig):
         super().__init__(base, cfg.aux_loss_coef)
         I, O, E, r = base.in_features, base.out_features, cfg.num_experts, cfg.rank
-        self.top_k, self.renormalize = cfg.top_k or E, cfg.renormalize
         self.scaling = cfg.alpha / r
         self.lora_A = nn.Parameter(torch.empty(E, r, I))
         self.lora_B = nn.Parameter(torch.empty(E, O, r))
-        self.router = make_router(I, E)
+        self.router = Router(I, E, cfg.top_k, cfg.renormalize)   # soft when top_k is None
         self.dropout = nn.Dropout(cfg.dropout)
         self.reset_parameters()
 
     def reset_parameters(self):
         nn.init.normal_(self.lora_A, std=0.02)            # official code: A ~ N(0, 0.02^2)
         nn.init.zeros_(self.lora_B)                       # B = 0 -> update = 0 -> output == base(x)
-        nn.init.normal_(self.router.weight, std=0.02)
+        self.router.reset_parameters()
 
     def update(self, x, dispatch):
-        """x (N, I) -> scaling * sum_e g_e B_e A_e x, (N, O)."""
-        _, probs, gates, idx = route(x, self.router, self.top_k, self.renormalize)  # (N, E) gates
-        if idx is not None:                               # top-k only: the soft original has no aux loss
-            self.aux = load_balance_loss(probs, idx)
-        return dispatch(self.dropout(x), self.lora_A, self.lora_B, gates, self.scaling)
+        """x (N, I) -> scaling * sum_e g_e B_e A_e x, (N, O). The dispatch routes x with the router;
+        with dropout, the router reads x and the experts read dropout(x)."""
+        gates = self.router(x) if self.dropout.p else self.router     # (N, E), or routed in dispatch
+        y = dispatch(self.dropout(x), self.lora_A, self.lora_B, gates, self.scaling)   # (N, O)
+        self.aux = self.router.balance_loss               # top-k only: the soft original has none
+        return y
 
     def delta_weight(self, e: int) -> torch.Tensor:
         """Dense (O, I) update of expert e. For merging and tests, never called by forward."""

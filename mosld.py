@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import AdaptedLinear, check_field, load_balance_loss, lora_uniform_, make_router, route
+from common import AdaptedLinear, Router, check_field, lora_uniform_
 
 
 @dataclass
@@ -69,28 +69,26 @@ class MoSLDLinear(AdaptedLinear):
         check_field("MoSLDConfig", "num_experts", cfg.num_experts, isinstance(cfg.num_experts, int),
                     "one integer for a single layer (per-layer counts: build with cfg.for_layer)")
         I, O, E, r = base.in_features, base.out_features, cfg.num_experts, cfg.rank
-        self.top_k = min(cfg.top_k, E)
         self.drop_a, self.drop_b = cfg.drop_a, cfg.drop_b
         self.scaling = cfg.alpha / r
         self.shared_A = nn.Parameter(torch.empty(r, I))
         self.lora_B = nn.Parameter(torch.empty(E, O, r))
-        self.router = make_router(I, E)
+        self.router = Router(I, E, min(cfg.top_k, E))    # renormalised top-k (Eq. 1); soft if E <= K
         self.reset_parameters()
 
     def reset_parameters(self):
         lora_uniform_(self.shared_A)                      # random A, shared: A_1 = ... = A_E (§3.1)
         nn.init.zeros_(self.lora_B)                       # B = 0 -> update = 0 -> output == base(x)
-        nn.init.normal_(self.router.weight, std=0.02)
+        self.router.reset_parameters()
 
     def update(self, x, dispatch):
         """x (N, I) -> scaling * sum_e g_e B_e (A~ x), (N, O); A~ x is formed once per token."""
-        _, probs, gates, idx = route(x, self.router, self.top_k)  # (N, E), renormalised (Eq. 1)
-        if idx is not None:                               # E_l > K: a real top-k, balance it
-            self.aux = load_balance_loss(probs, idx)
         # F.dropout on a weight is DropConnect: M * A / (1 - p), one fresh mask per call; A at eval
         A = F.dropout(self.shared_A, self.drop_a, self.training)  # (r, I)  Eq. 2, one mask per step
         B = F.dropout(self.lora_B, self.drop_b, self.training)    # (E, O, r)  Table 2 ablation
-        return dispatch(x, A, B, gates, self.scaling)     # (N, O)  Eq. 3, shared A: x A~^T once
+        y = dispatch(x, A, B, self.router, self.scaling)  # (N, O)  Eq. 3, shared A: x A~^T once
+        self.aux = self.router.balance_loss               # E_l > K: a real top-k, balanced
+        return y
 
     def delta_weight(self, e: int) -> torch.Tensor:
         """Dense (O, I) update of expert e (eval: no mask). For merging and tests, never in forward."""

@@ -101,6 +101,47 @@ def test_auto_without_idx_is_fused():
     torch.testing.assert_close(dispatch_auto(x, A, B, gates, 0.7), dispatch_fused(x, A, B, gates, 0.7))
 
 
+# ----------------------------------------------------------------------------- a Router as the gates
+
+
+def router_out_and_grads(dispatch, x, A, B, router, dy):
+    """y, the balancing loss and the gradients of y + balancing loss for x, A, B and W_g."""
+    y = dispatch(x, A, B, router, 0.7)                                     # (N, O)
+    aux = [] if router.balance_loss is None else [router.balance_loss]
+    grads = torch.autograd.grad([y, *aux], [x, A, B, router.weight], [dy, *[torch.ones(())] * len(aux)])
+    return [y, *aux, *grads]
+
+
+@pytest.mark.parametrize("path,K", [(p, K) for p in ("fused", "grouped", "auto") for K in (1, 3, 5)
+                                    if (p, K) != ("grouped", 5)])        # soft: nothing to group
+@pytest.mark.parametrize("shared", [False, True])
+def test_router_in_the_dispatch_matches_naive(monkeypatch, path, K, shared):
+    """Handed the Router, the fused path forms W_g x inside its x A^T matmul; grouped takes idx
+    from the Router; auto picks one. Outputs, balancing loss and every gradient, W_g's included."""
+    monkeypatch.setitem(common.GROUPED_FROM_E_OVER_K, "cpu", 2)          # auto: K=1 grouped, else fused
+    (x, A, B, _), _, dy = routed(N=11, I=37, O=53, E=5, K=1, r=3, shared=shared)
+    torch.manual_seed(0)
+    router = common.Router(37, 5, K).double()
+    paths = {"fused": dispatch_fused, "auto": dispatch_auto,
+             "grouped": lambda x, A, B, g, s: dispatch_grouped(x, A, B, g, None, s)}
+    ref = router_out_and_grads(dispatch_naive, x, A, B, router, dy)
+    out = router_out_and_grads(paths[path], x, A, B, router, dy)
+    assert len(out) == len(ref) == (5 if K == 5 else 6)                  # soft: no balancing loss
+    for o, rf in zip(out, ref):
+        torch.testing.assert_close(o, rf)
+
+
+def test_router_logits_stay_float32_for_bf16_inputs():
+    """bf16 x: the router's W_g x is not folded into the bf16 matmul, so the gates are the float32
+    ones of route(); the result is bit-equal to handing those gates over."""
+    (x, A, B, _), _, _ = routed(N=64, I=32, O=48, E=6, K=2, r=8, dtype=torch.float32)
+    x, A, B = (t.detach().bfloat16() for t in (x, A, B))
+    router = common.Router(32, 6, 2).bfloat16()
+    gates = common.route(x, router, 2)[2]                                  # (N, E) float32
+    assert gates.dtype == torch.float32
+    assert torch.equal(dispatch_fused(x, A, B, router, 0.7), dispatch_fused(x, A, B, gates, 0.7))
+
+
 # ----------------------------------------------------------------------------- compile
 
 
@@ -113,6 +154,19 @@ def test_fused_compiles_whole_forward_and_backward(shared):
     wrap = lambda f: lambda x, A, B, g, i: f(x, A, B, g, 0.7)             # noqa: E731
     for o, rf in zip(out_and_grads(wrap(fn), x, A, B, top, idx, dy),
                      out_and_grads(wrap(dispatch_fused), x, A, B, top, idx, dy)):
+        torch.testing.assert_close(o, rf)
+
+
+@pytest.mark.parametrize("K", [2, 4])
+def test_fused_with_a_router_compiles_whole(K):
+    """The router folded into the matmul, top-k, balancing loss: still one graph, same numbers."""
+    torch._dynamo.reset()
+    fn = torch.compile(dispatch_fused, fullgraph=True, backend="aot_eager")
+    (x, A, B, _), _, dy = routed(N=7, I=12, O=10, E=4, K=1, r=3, dtype=torch.float32)
+    torch.manual_seed(0)
+    router = common.Router(12, 4, K)
+    for o, rf in zip(router_out_and_grads(fn, x, A, B, router, dy),
+                     router_out_and_grads(dispatch_fused, x, A, B, router, dy)):
         torch.testing.assert_close(o, rf)
 
 

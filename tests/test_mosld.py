@@ -64,7 +64,7 @@ def test_dropconnect_statistics():
     _, again = capture(layer, x)
     assert not torch.equal(again["A"] != 0, kept)    # a fresh mask every training forward
     # every expert saw the same masked A: y == scaling * sum_e g_e B_e (A~ x)
-    gates = route(x, layer.router, layer.top_k)[2]
+    gates = route(x, layer.router, layer.router.top_k)[2]
     z = x @ A_drop.T                                                  # (N, r)
     expect = sum(gates[:, e:e + 1] * (z @ layer.lora_B[e].T) for e in range(3)) * layer.scaling
     torch.testing.assert_close(y, expect)
