@@ -75,7 +75,10 @@ p.add_argument("--n-layer", type=int, default=4, help="tiny GPT depth (when pret
 p.add_argument("--n-embd", type=int, default=128, help="tiny GPT width (when pretraining)")
 p.add_argument("--eval-examples", type=int, default=500, help="held-out examples per task")
 p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train")
-p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+p.add_argument("--compile", action="store_true", help="torch.compile the model (for CUDA)")
+p.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune"],
+               help="torch.compile mode (default: reduce-overhead on CUDA, which replays each step "
+                    "as CUDA graphs: the tiny GPT is launch-bound; default on CPU)")
 p.add_argument("--init-from", default="scratch",
                help="'scratch' (pretrain or reuse out/base) or a checkpoint / GPT-2 model.safetensors")
 p.add_argument("--out", default=None, help="output folder (default out/<method>)")
@@ -205,7 +208,8 @@ def train(model, params, task_names, steps, peak_lr, desc, extra_loss=lambda: 0.
     if opt_state is not None:
         opt.load_state_dict(opt_state)
     net = DDP(model) if world > 1 else model               # averages the gradients over ranks
-    step_fn = torch.compile(net) if args.compile else net
+    mode = args.compile_mode or ("reduce-overhead" if device.type == "cuda" else "default")
+    step_fn = torch.compile(net, mode=mode) if args.compile else net
     model.train()
     t0, value = time.perf_counter(), math.nan
     bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps, dynamic_ncols=True,
