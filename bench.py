@@ -17,9 +17,12 @@ and for each method (MoLoRA; MoSLD and MALoRA when their files are there):
   fused compiled    with --compile: common.dispatch_compiled, the fused path under torch.compile
 A row's adapter cost is its time minus the frozen base's; every ratio printed is a ratio of
 adapter costs (shared/API.md). GFLOP: matmul FLOPs of that forward + backward, adapter part.
+saved MiB: memory, what the forward keeps for the backward (activations), adapter part; exact and
+the same on every device (autograd's saved-tensor hooks), so it is measured once, not timed.
 x requires grad, as inside a model, so every row also computes dL/dx.
 
-Not included: memory use; the fused Triton kernel and CUDA graphs of issue 6 items 4-5.
+Not included: the allocator's peak memory (saved MiB above is the part the method decides); a
+fused Triton kernel (issue 6 item 4).
 """
 import argparse
 import copy
@@ -219,6 +222,24 @@ def grouped_mm_flop(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * math.prod(out_shape) // out_shape[0] * a_shape[-1]
 
 
+def saved_mib(run, x, exclude) -> float:
+    """MiB that one forward keeps for its backward (activation memory, device-independent and
+    exact): every storage that autograd saves, once; the parameters and x, which are there anyway,
+    are not counted."""
+    seen = {t.untyped_storage().data_ptr() for t in exclude}
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        if t.untyped_storage().data_ptr() not in seen:
+            seen.add(t.untyped_storage().data_ptr())
+            total += t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run(x)
+    return total / 2 ** 20
+
+
 def gflop(step) -> float:
     """Matmul GFLOP of one call of `step` (forward and backward), by torch.utils.flop_counter."""
     has_grouped_mm = hasattr(torch.ops.aten, "_grouped_mm")
@@ -290,9 +311,9 @@ def bench_layer(E: int, D: int) -> dict:
     nn.init.normal_(lora.lora_B, std=0.02)
     router = make_router(D, E).to(device, dtype)
     grouped = grouped_with(K)
-    steps = {("base", "frozen base"): fwd_bwd(base, lambda x: (base(x), None), x, dy),
-             ("base", f"single LoRA r={E * r}"): fwd_bwd(lora, lambda x: (lora(x), None), x, dy),
-             ("base", "router"): fwd_bwd(router, route_only(router, 0.01), x, dgates)}
+    runs = {("base", "frozen base"): (base, lambda x: (base(x), None), dy),
+            ("base", f"single LoRA r={E * r}"): (lora, lambda x: (lora(x), None), dy),
+            ("base", "router"): (router, route_only(router, 0.01), dgates)}
     for name, (layer_cls, cfg_cls, make) in methods.items():
         try:
             layer = layer_cls(base, make(cfg_cls, E, r, K)).to(device, dtype)
@@ -310,19 +331,23 @@ def bench_layer(E: int, D: int) -> dict:
         public = {"naive dense": layer.forward_naive}             # the layer's own loop
         for path, dispatch in dispatches.items():
             forward = public.get(path) or (lambda x, m=layer, d=dispatch: m._run(x, d))
-            steps[(name, path)] = fwd_bwd(layer, with_aux(layer, forward), x, dy)
+            runs[(name, path)] = (layer, with_aux(layer, forward), dy)
+    steps = {key: fwd_bwd(module, run, x, g) for key, (module, run, g) in runs.items()}
     ms = round_robin(steps)
+    saved = {key: saved_mib(run, x, [x, *module.parameters(), *base.parameters()])
+             for key, (module, run, _) in runs.items() if key[1] != "fused compiled"}
     flops = {key: gflop(step) for key, step in steps.items() if key[1] != "fused compiled"}
-    for name, path in steps:                          # flop_counter cannot run a compiled graph:
-        if path == "fused compiled":                  # it is the fused path's maths
-            flops[(name, path)] = flops[(name, "fused")]
-    base_ms, base_gf = ms[("base", "frozen base")], flops[("base", "frozen base")]
+    for name, path in steps:                          # flop_counter and saved-tensor hooks cannot
+        if path == "fused compiled":                  # look into a compiled graph: the fused maths
+            flops[(name, path)], saved[(name, path)] = flops[(name, "fused")], saved[(name, "fused")]
+    base_ms, base_gf, base_mib = (d[("base", "frozen base")] for d in (ms, flops, saved))
     rows = []
     for key in steps:
         alone = key[1] == "router"                                 # the router runs without the base
         rows.append({"method": key[0], "variant": key[1], "ms": ms[key],
                      "adapter_ms": ms[key] - (0 if alone else base_ms),
-                     "adapter_gflop": flops[key] - (0 if alone else base_gf)})
+                     "adapter_gflop": flops[key] - (0 if alone else base_gf),
+                     "adapter_saved_mib": saved[key] - (0 if alone else base_mib)})
     return {"E": E, "D": D, "N": N, "r": r, "K": K, "rows": rows, "ratios": ratios(rows, E)}
 
 
@@ -398,10 +423,10 @@ for D in dims:
         res = bench_layer(E, D)
         results.append(res)
         say(f"\nE={E} D={D}")
-        say(f"  {'':8} {'variant':<22}{'ms':>9}{'adapter ms':>12}{'adapter GFLOP':>15}")
+        say(f"  {'':8} {'variant':<22}{'ms':>9}{'adapter ms':>12}{'adapter GFLOP':>15}{'saved MiB':>11}")
         for row in res["rows"]:
             say(f"  {row['method']:8} {row['variant']:<22}{row['ms']:9.2f}"
-                f"{row['adapter_ms']:12.2f}{row['adapter_gflop']:15.3f}")
+                f"{row['adapter_ms']:12.2f}{row['adapter_gflop']:15.3f}{row['adapter_saved_mib']:11.2f}")
         for name, rat in res["ratios"].items():
             say(f"  {name:8} " + "  ".join(f"{k} {v:.2f}x" for k, v in rat.items()))
         if (args.device, args.dtype, N, D, E, r, K) == GOAL_SETTING:

@@ -250,3 +250,6 @@ def test_bench_smoke_json():
     gflop = {(row["method"], row["variant"]): row["adapter_gflop"] for row in doc["layer"][0]["rows"]}
     assert 0 < gflop[("molora", "grouped")] < gflop[("molora", "fused")]   # K=2 of E=4 experts
     assert "fused/single_lora" in doc["layer"][0]["ratios"]["molora"]
+    saved = {(row["method"], row["variant"]): row["adapter_saved_mib"] * 2 ** 20 for row in doc["layer"][0]["rows"]}
+    assert saved[("base", "single LoRA r=8")] == 64 * 8 * 4        # x A^T (N, E r) in float32, nothing else
+    assert 0 < saved[("molora", "fused")] < saved[("molora", "naive dense")]   # no per-expert copies
