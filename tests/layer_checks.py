@@ -1,6 +1,9 @@
 """Checks every adapted layer's tests share: fused vs naive on outputs and every gradient, one
-graph under torch.compile, and the zero update after reset_parameters()."""
+graph under torch.compile, the zero update after reset_parameters(), and delta_weight against
+the forward."""
 import torch
+
+from common import route
 
 
 def out_and_grads(layer, fn, x, dy, seed=None):
@@ -40,3 +43,13 @@ def assert_zero_update(layer, x):
     layer.reset_parameters()
     torch.testing.assert_close(layer(x), layer.base(x))
     torch.testing.assert_close(layer.forward_naive(x), layer.base(x))
+
+
+def assert_delta_weights_match_forward(layer, x):
+    """With soft routing (layer in eval, routed over all E experts) the update is
+    sum_e g_e(x) * delta_weight(e) x, the dense (O, I) update of each expert."""
+    E = layer.lora_B.shape[0]
+    gates = route(x, layer.router, E)[2]                                   # (N, E)
+    dW = torch.stack([layer.delta_weight(e) for e in range(E)])            # (E, O, I)
+    expect = torch.einsum("ne,eoi,ni->no", gates, dW, x)
+    torch.testing.assert_close(layer(x) - layer.base(x), expect)

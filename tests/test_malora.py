@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from common import lora_uniform_, route
-from layer_checks import assert_compiles_whole, assert_paths_match, assert_zero_update
+from common import lora_uniform_
+from layer_checks import (assert_compiles_whole, assert_delta_weights_match_forward, assert_paths_match,
+                          assert_zero_update)
 from malora import MALORA_SMALL, MALoRAConfig, MALoRALinear, malora_num_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,12 +44,7 @@ def test_update_is_zero_after_reset():
 
 
 def test_delta_weight_matches_forward():
-    layer = make(K=5).eval()                           # soft: every expert in every token
-    x = torch.randn(4, 37).double()
-    gates = route(x, layer.router, 5)[2]
-    dW = torch.stack([layer.delta_weight(e) for e in range(5)])            # (E, O, I)
-    expect = torch.einsum("ne,eoi,ni->no", gates, dW, x)
-    torch.testing.assert_close(layer(x) - layer.base(x), expect)
+    assert_delta_weights_match_forward(make(K=5).eval(), torch.randn(4, 37).double())   # K = E: soft
 
 
 @pytest.mark.parametrize("beta", [1.0, 2.5])

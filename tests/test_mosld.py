@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 
 from common import dispatch_fused, route
-from layer_checks import assert_compiles_whole, assert_paths_match, assert_zero_update
+from layer_checks import (assert_compiles_whole, assert_delta_weights_match_forward, assert_paths_match,
+                          assert_zero_update)
 from mosld import MoSLDConfig, MoSLDLinear, mosld_num_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,12 +90,7 @@ def test_drop_b_ablation_masks_b_not_a():
 
 
 def test_delta_weight_matches_forward():
-    layer = make(K=5).eval()                           # soft: every expert in every token
-    x = torch.randn(4, 37).double()
-    gates = route(x, layer.router, 5)[2]
-    dW = torch.stack([layer.delta_weight(e) for e in range(5)])            # (E, O, I)
-    expect = torch.einsum("ne,eoi,ni->no", gates, dW, x)
-    torch.testing.assert_close(layer(x) - layer.base(x), expect)
+    assert_delta_weights_match_forward(make(K=5).eval(), torch.randn(4, 37).double())   # K = E: soft
 
 
 def test_balance_loss_only_with_real_top_k():
