@@ -34,8 +34,8 @@ from moa import MoAConfig, MoALinear, moa_metrics, moa_stages
 from modula import MoDULAConfig, MoDULALinear, modula_stages
 from molora import MoLoRAConfig, MoLoRALinear, molora_num_params
 from mosld import MoSLDConfig, MoSLDLinear
-from trainutil import (global_mean, init_distributed, load_checkpoint, rng_state, save_atomic,
-                       set_rng_state)
+from trainutil import (config_overrides, global_mean, init_distributed, load_checkpoint, lr_at,
+                       print_results, rng_state, save_atomic, set_rng_state)
 
 METHODS = {
     "lora": (LoRAConfig, LoRALinear),
@@ -103,14 +103,6 @@ def fail(msg: str):
     sys.exit(f"train.py: {msg}")
 
 
-def parse_value(text: str):
-    """--cfg values: JSON when it parses (4, 0.1, true, null, [8,6]), else the bare string."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 if args.method not in METHODS:
     fail(f"unknown method {args.method!r}; choose one of: {', '.join(METHODS)}")
 cfg_cls, layer_cls = METHODS[args.method]
@@ -120,7 +112,7 @@ for flag, minimum in [("steps", 0), ("pretrain_steps", 1), ("batch_size", 1), ("
         fail(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= {minimum}")
 if not 0 < args.lr < math.inf:
     fail(f"--lr {args.lr}: must be a positive number")
-overrides = {}
+saved_meta = {}
 if args.init_adapter is not None:                          # the adapter's config is the default
     try:
         saved_meta = adapter_meta(args.init_adapter)
@@ -129,20 +121,11 @@ if args.init_adapter is not None:                          # the adapter's confi
     if saved_meta.get("method") != args.method:
         fail(f"{args.init_adapter}: adapter method is {saved_meta.get('method')!r}, "
              f"this run's is {args.method!r}")
-    overrides.update({k: tuple(v) if isinstance(v, list) else v
-                      for k, v in saved_meta.get("config", {}).items()})
-if args.variant is not None:
-    presets = VARIANTS.get(args.method, {})
-    if args.variant not in presets:
-        fail(f"unknown variant {args.variant!r} for {args.method}; choose one of: "
-             f"{', '.join(presets) or '(none)'}")
-    overrides.update(presets[args.variant])
-for item in args.cfg:
-    field, eq, value = item.partition("=")
-    if not eq:
-        fail(f"--cfg {item!r}: expected FIELD=VALUE")
-    value = parse_value(value)
-    overrides[field] = tuple(value) if isinstance(value, list) else value
+try:
+    overrides = config_overrides(saved_meta.get("config", {}), args.method, VARIANTS.get(args.method, {}),
+                                 args.variant, args.cfg)
+except ValueError as e:
+    fail(str(e))
 for t in [*args.exclude_task, *[args.add_domain] * bool(args.add_domain)]:
     if t not in tasks.TASKS:
         fail(f"unknown task {t!r}; choose one of: {', '.join(tasks.TASKS)}")
@@ -151,7 +134,7 @@ if args.add_domain and (args.method not in STAGES or args.init_adapter is None):
 domains = tuple(t for t in tasks.TASKS if t not in args.exclude_task and t != args.add_domain)
 if not domains:
     fail("--exclude-task: no task left to fine-tune on")
-if args.init_adapter is not None and saved_meta.get("tasks", list(domains)) != list(domains):
+if saved_meta.get("tasks", list(domains)) != list(domains):
     fail(f"{args.init_adapter}: trained on tasks {saved_meta['tasks']}, this run has {list(domains)}")
 known = {f.name for f in dataclasses.fields(cfg_cls)}   # fields the run decides, if the config has them
 run_fields = {"num_domains": len(domains), "prompt_len": args.digits + 2}
@@ -187,14 +170,6 @@ def batch_for(task_names):
 def lm_loss(model, x, y):
     logits = model(x)                                      # (B, T, V)
     return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-
-
-def lr_at(step, steps, peak, warmup_frac=0.05):
-    """Linear warm-up then cosine decay to 0 (METHODS.md 2(h).5)."""
-    warmup = max(1, int(warmup_frac * steps))
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
 last_good = "nothing was written"                          # named in the message of a failed run
@@ -399,22 +374,7 @@ metrics = {
     "stages": stage_log, "tasks": list(domains), **extra, "add_domain": added or None,
     "seed": args.seed, "device": args.device, "processes": world,
 }
-oracle = extra.get("oracle_routing_accuracy", {})
-print(f"\n{'task':<10} {'base':>6} {args.method:>8}" + ("  own expert alone" if oracle else ""))
-for t in tasks.ALL_TASKS:
-    label = f"{t}*" if t == tasks.GENERAL else t
-    print(f"{label:<10} {base_acc[t]:>6.1%} {acc[t]:>8.1%}" + (f" {oracle[t]:>18.1%}" if t in oracle else ""))
-print(f"(* general task: the base was pretrained on it; a drop is forgetting)\n"
-      f"mean task accuracy {sum(metrics['per_task_accuracy'].values()) / len(tasks.TASKS):.1%}, "
-      f"trainable {metrics['trainable_params']:,} of {metrics['total_params']:,} parameters, "
-      f"{tokens_per_second:,.0f} tokens/s, fine-tune {wall:.0f}s")
-for s in stage_log if len(stage_log) > 1 else []:
-    print(f"stage {s['stage']:<16} {s['steps']:>5} steps {s['seconds']:>7.1f}s "
-          f"{s['params_changed']:>9,} parameters changed")
-if added:
-    print(f"added {args.add_domain}: {added['params_touched']:,} parameters touched, "
-          f"{added['touched_share']:.1%} of a MoLoRA retrain ({added['molora_retrain_params']:,}); "
-          f"largest old-task drop {added['max_old_task_drop']:+.1%}")
+print_results(metrics, tasks.GENERAL)
 save_adapter(model, os.path.join(out_dir, "adapter.safetensors"),
              meta={"method": args.method, "variant": args.variant, "config": metrics["config"],
                    "targets": list(cfg.targets), "layer": layer_cls.__name__, "base_sha256": base_sha,

@@ -1,4 +1,5 @@
-"""train.py's plumbing: several processes (torchrun), random-number state, and resumable checkpoints.
+"""train.py's plumbing: several processes (torchrun), random-number state, resumable checkpoints,
+the run's settings (config overrides, learning-rate schedule) and its final table.
 
 Kept apart so that train.py still reads top to bottom as one run. Nothing here knows a method.
 
@@ -10,6 +11,8 @@ Kept apart so that train.py still reads top to bottom as one run. Nothing here k
 
 Not included: sharded (FSDP) checkpoints, several checkpoints kept side by side, elastic restarts.
 """
+import json
+import math
 import os
 
 import torch
@@ -80,3 +83,64 @@ def load_checkpoint(path: str, run: dict) -> dict:
         if was != now:
             raise ValueError(f"--resume: {path} was written with {key}={was!r}, this run has {key}={now!r}")
     return ckpt
+
+
+# ----------------------------------------------------------------------------- run settings
+
+
+def parse_value(text: str):
+    """--cfg values: JSON when it parses (4, 0.1, true, null, [8,6]), else the bare string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def config_overrides(saved: dict, method: str, presets: dict, variant: str | None, cfg_args: list) -> dict:
+    """The config fields a run sets, later ones winning: a saved adapter's config (--init-adapter),
+    the --variant preset, each --cfg FIELD=VALUE. JSON lists become tuples, as the configs hold them.
+    ValueError with the message for the user on an unknown variant or a malformed --cfg."""
+    tup = lambda v: tuple(v) if isinstance(v, list) else v       # noqa: E731
+    overrides = {k: tup(v) for k, v in saved.items()}
+    if variant is not None:
+        if variant not in presets:
+            raise ValueError(f"unknown variant {variant!r} for {method}; choose one of: "
+                             f"{', '.join(presets) or '(none)'}")
+        overrides.update(presets[variant])
+    for item in cfg_args:
+        field, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"--cfg {item!r}: expected FIELD=VALUE")
+        overrides[field] = tup(parse_value(value))
+    return overrides
+
+
+def lr_at(step, steps, peak, warmup_frac=0.05):
+    """Linear warm-up then cosine decay to 0 (METHODS.md 2(h).5)."""
+    warmup = max(1, int(warmup_frac * steps))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def print_results(m: dict, general: str):
+    """The one table at the end of a run, from its metrics.json: accuracy per task (base, the
+    method, and each domain through its own expert for staged methods), then the stages and the
+    --add-domain report."""
+    acc = {**m["per_task_accuracy"], general: m["general_accuracy"]}
+    oracle = m.get("oracle_routing_accuracy", {})
+    print(f"\n{'task':<10} {'base':>6} {m['method']:>8}" + ("  own expert alone" if oracle else ""))
+    for t, base in m["base_accuracy"].items():
+        label = f"{t}*" if t == general else t
+        print(f"{label:<10} {base:>6.1%} {acc[t]:>8.1%}" + (f" {oracle[t]:>18.1%}" if t in oracle else ""))
+    mean = sum(m["per_task_accuracy"].values()) / len(m["per_task_accuracy"])
+    print(f"(* general task: the base was pretrained on it; a drop is forgetting)\n"
+          f"mean task accuracy {mean:.1%}, trainable {m['trainable_params']:,} of {m['total_params']:,} "
+          f"parameters, {m['tokens_per_second']:,.0f} tokens/s, fine-tune {m['finetune_seconds']:.0f}s")
+    for s in m["stages"] if len(m["stages"]) > 1 else []:
+        print(f"stage {s['stage']:<16} {s['steps']:>5} steps {s['seconds']:>7.1f}s "
+              f"{s['params_changed']:>9,} parameters changed")
+    if added := m["add_domain"]:
+        print(f"added {added['task']}: {added['params_touched']:,} parameters touched, "
+              f"{added['touched_share']:.1%} of a MoLoRA retrain ({added['molora_retrain_params']:,}); "
+              f"largest old-task drop {added['max_old_task_drop']:+.1%}")
