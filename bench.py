@@ -9,7 +9,8 @@ For each (E, D) it times, side by side, round-robin, the median of --repeats aft
   frozen base       the frozen nn.Linear alone
   single LoRA E*r   lora.LoRALinear of rank E*r: dense routing's GEMM work with no router, the floor
   router            common.route + balancing loss alone (part of every method row below)
-and for each method (MoLoRA; MoSLD and MALoRA when their files are there):
+and for each method (MoLoRA, MoSLD, MALoRA, MoDULA-Flan and -Res, soft over its domain experts;
+a method whose file is missing is skipped with a note):
   fused             common.dispatch_fused: the path layer(x) takes below the E / K crossover
   naive dense       layer.forward_naive(x): the loop over experts, every expert on every token
   naive sparse      each expert on its routed tokens only, index_add back (MixLoRA-style, below)
@@ -21,8 +22,9 @@ saved MiB: memory, what the forward keeps for the backward (activations), adapte
 the same on every device (autograd's saved-tensor hooks), so it is measured once, not timed.
 x requires grad, as inside a model, so every row also computes dL/dx.
 
-Not included: the allocator's peak memory (saved MiB above is the part the method decides); a
-fused Triton kernel (issue 6 item 4).
+Not included: MoA (routed per sequence, (B, T, I) inputs: one gathered LoRA per sequence, a
+single LoRA's work whatever E); the allocator's peak memory (saved MiB above is the part the
+method decides); a fused Triton kernel (issue 6 item 4).
 """
 import argparse
 import copy
@@ -54,7 +56,13 @@ METHODS = {
               lambda C, E, r, K: C(num_experts=E, rank=r, top_k=K)),
     "malora": ("malora", "MALoRALinear", "MALoRAConfig",
                lambda C, E, r, K: C.from_molora(rank=r, num_experts=E, lam=0.5, top_k=K)),
+    # MoDULA routes softly over its E domain experts (its stage 3 and inference): K does not apply
+    "modula-flan": ("modula", "MoDULALinear", "MoDULAConfig",
+                    lambda C, E, r, K: C(variant="flan", num_domains=E, domain_rank=r, universal_rank=2 * r)),
+    "modula-res": ("modula", "MoDULALinear", "MoDULAConfig",
+                   lambda C, E, r, K: C(variant="res", num_domains=E, domain_rank=r, universal_rank=2 * r)),
 }
+SOFT = {"modula-flan", "modula-res"}           # every expert on every token: no grouped path
 FULL_EXPERTS, FULL_DIMS = [4, 8, 16, 32, 64], [256, 1024, 4096]
 GOAL_SETTING = ("cpu", "float32", 4096, 256, 8, 8, 2)   # device, dtype, N, D, E, r, K of the CPU goals
 GOALS = [                                      # (method, ratio, sign, bound, source)
@@ -78,7 +86,7 @@ p.add_argument("--rank", type=int, default=8, help="r, per expert (MoLoRA's; MAL
 p.add_argument("--top-k", type=int, default=2, help="K, experts kept per token")
 p.add_argument("--repeats", type=int, default=10, help="timed rounds; each row reports the median")
 p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
-p.add_argument("--methods", default="molora,mosld,malora",
+p.add_argument("--methods", default="molora,mosld,malora,modula-flan,modula-res",
                help="comma-separated, from: " + ", ".join(METHODS))
 p.add_argument("--full", action="store_true",
                help=f"sweep E in {FULL_EXPERTS} and D in {FULL_DIMS} (hours on a CPU: for a GPU)")
@@ -320,10 +328,12 @@ def bench_layer(E: int, D: int) -> dict:
         except ValueError as e:                                    # e.g. MALoRA's S > I
             notes.append(f"{name} at E={E}, D={D}: skipped ({e})")
             continue
-        nn.init.normal_(layer.lora_B, std=0.02)                    # not zero: B = 0 hides wrong maths
+        for n, q in layer.named_parameters():                      # not zero: B = 0 hides wrong maths
+            if n.endswith("_B"):                                   # (MoDULA-Res: h = 0 as well)
+                nn.init.normal_(q, std=0.02)
         dispatches = {"fused": dispatch_fused, "naive dense": dispatch_naive,
                       "naive sparse": dispatch_sparse_loop}
-        if K < E:                                                  # soft routing has nothing to skip
+        if K < E and name not in SOFT:                             # soft routing has nothing to skip
             dispatches["grouped"] = grouped
         if args.compile:                                           # compiled in check_paths, once
             dispatches["fused compiled"] = dispatch_compiled
@@ -423,12 +433,12 @@ for D in dims:
         res = bench_layer(E, D)
         results.append(res)
         say(f"\nE={E} D={D}")
-        say(f"  {'':8} {'variant':<22}{'ms':>9}{'adapter ms':>12}{'adapter GFLOP':>15}{'saved MiB':>11}")
+        say(f"  {'':11} {'variant':<22}{'ms':>9}{'adapter ms':>12}{'adapter GFLOP':>15}{'saved MiB':>11}")
         for row in res["rows"]:
-            say(f"  {row['method']:8} {row['variant']:<22}{row['ms']:9.2f}"
+            say(f"  {row['method']:11} {row['variant']:<22}{row['ms']:9.2f}"
                 f"{row['adapter_ms']:12.2f}{row['adapter_gflop']:15.3f}{row['adapter_saved_mib']:11.2f}")
         for name, rat in res["ratios"].items():
-            say(f"  {name:8} " + "  ".join(f"{k} {v:.2f}x" for k, v in rat.items()))
+            say(f"  {name:11} " + "  ".join(f"{k} {v:.2f}x" for k, v in rat.items()))
         if (args.device, args.dtype, N, D, E, r, K) == GOAL_SETTING:
             for name, key, sign, bound, source in GOALS:
                 if key in res["ratios"].get(name, {}):
@@ -451,7 +461,7 @@ for res in train:
         f"frozen forward + backward {res['frozen_ms']:.2f} ms")
     for row in res["rows"]:
         vs = row["adapter/molora_same_path"]
-        say(f"  {row['model']:<22}{row['ms']:9.2f} ms {row['adapter_ms']:9.2f} adapter ms"
+        say(f"  {row['model']:<25}{row['ms']:9.2f} ms {row['adapter_ms']:9.2f} adapter ms"
             f"{row['adapter/single_lora']:8.2f}x single LoRA" + (f"{vs:8.2f}x molora" if vs else ""))
 
 load_after = os.getloadavg()
