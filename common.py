@@ -98,9 +98,9 @@ def load_balance_loss(probs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     Equals 1 when routing is perfectly uniform, E when every token goes to one expert.
     """
     N, E = probs.shape
-    picks = torch.zeros(N, E, device=probs.device).scatter(-1, idx, 1.0)   # (N, E), K ones per row
+    picks = torch.zeros_like(probs).scatter(-1, idx, 1.0)          # (N, E), K ones per row
     f = picks.mean(0) / idx.shape[-1]                              # (E,), sums to 1; no gradient
-    P = probs.float().mean(0)                                      # (E,)
+    P = probs.mean(0)                                              # (E,), probs >= float32 (gate)
     return E * (f * P).sum()
 
 
