@@ -235,8 +235,8 @@ def summarize(records: list) -> dict:
                 "params": sum(r["trainable_params"] for r in rs),
                 "tps": statistics.mean(r["tokens_per_second"] for r in rs),
                 "wall": sum(r["wall_seconds"] for r in rs), "add_domain": rs[0].get("add_domain"),
-                "own_expert": 100 * statistics.mean(rs[0]["oracle_routing_accuracy"][t] for t in tasks.TASKS)
-                if "oracle_routing_accuracy" in rs[0] else None})
+                "own_expert": 100 * statistics.mean(rs[0]["oracle_routing_accuracy"].values())
+                if "oracle_routing_accuracy" in rs[0] else None})     # over the run's own domains
     return out
 
 
@@ -317,7 +317,8 @@ def overfits(S) -> tuple:
         d, spread = delta(S, top, rows[-1][1])
         falls[label] = d > max(TOL, spread)
         accs = "/".join(f"{avg(S, row, 'mean'):.1f}" for _, row in rows)
-        after = f"then -{d:.1f} by r={rows[-1][0]}" if falls[label] else "no fall after it"
+        after = (f"then -{d:.1f} by r={rows[-1][0]}" if falls[label] else "no fall after it" if d <= TOL
+                 else f"-{d:.1f} by r={rows[-1][0]}, within the seed spread {spread:.1f}")
         texts.append(f"{label} r={'/'.join(str(r) for r, _ in rows)}: {accs} (peak r={peak[label]}, {after})")
     molora, malora = SWEEP
     holds = falls[molora] and (peak[molora] < peak[malora] or not falls[malora])
@@ -448,7 +449,7 @@ if __name__ == "__main__":
     a.steps = a.steps or (100 if quick else 300)
     a.seeds = a.seeds or (1 if quick else 3)
     a.eval_examples = a.eval_examples or (100 if quick else 300)
-    a.out = a.out or os.path.join("results", "quick" if quick else "")
+    a.out = a.out or ("results/quick" if quick else "results")
     for flag in ("steps", "seeds", "eval_examples", "jobs"):
         if getattr(a, flag) < 1:
             sys.exit(f"compare.py: --{flag.replace('_', '-')} {getattr(a, flag)}: must be >= 1")
@@ -479,7 +480,7 @@ if __name__ == "__main__":
         return cmd + (["--init-adapter", os.path.join(run_dir(run.after, seed), "adapter.safetensors")]
                       if run.after else [])
 
-    failed = {}
+    failed, ran = {}, []                                   # ran: the runs this invocation trained
     bar = tqdm(total=len(runs) * a.seeds, desc="compare", dynamic_ncols=True)
 
     def work(job):
@@ -488,6 +489,7 @@ if __name__ == "__main__":
             failed[run.name, seed] = f"needs {run.after}, which failed"
         elif not finished(os.path.join(ROOT, run_dir(run.name, seed)), command(run, seed)):
             bar.set_postfix_str(f"{run.name} seed {seed}")
+            ran.append(job)
             if why := execute(command(run, seed), os.path.join(ROOT, run_dir(run.name, seed))):
                 failed[run.name, seed] = why
         bar.update()
@@ -514,7 +516,8 @@ if __name__ == "__main__":
             f"{a.rank or 'as each method default'}, {a.seeds} seed(s), {a.eval_examples} held-out examples "
             f"per task, base {base} (shared); {a.jobs} train.py process(es) at once, one thread each; "
             f"the runs' wall times sum to {sum(r['wall_seconds'] for r in records) / 60:.1f} min; this "
-            f"invocation took {wall / 60:.1f} min (load average {load_start[0]:.1f} at the start, "
+            f"invocation trained {len(ran)} of the {len(jobs)} runs (the others were finished "
+            f"already) in {wall / 60:.1f} min (load average {load_start[0]:.1f} at the start, "
             f"{os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} CPUs).",
             *["", BUDGET_NOTE.replace("\n", " ")] * (a.rank == 2)]
     notes.append(plot(S, [r.row for r in runs if r.table], os.path.join(ROOT, a.out)))
