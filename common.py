@@ -82,12 +82,17 @@ def gate(logits: torch.Tensor, top_k: int, renormalize: bool = True):
     return probs, gates, idx
 
 
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """W_g x: x (N, I), W_g (E, I) -> (N, E), in float32 at least (the MoLoRA code)."""
+    dt = _mix_dtype(x)
+    return F.linear(x.to(dt), weight.to(dt))                       # (N, E)
+
+
 def route(x: torch.Tensor, router: nn.Module, top_k: int, renormalize: bool = True):
     """Token routing: logits W_g x in (at least) float32, softmax over E, keep the top K
     (METHODS.md 1(b)). router: anything with a .weight (E, I) (nn.Linear, Router).
     Returns logits (N, E) and gate(logits): probs (N, E), gates (N, E), idx (N, K) or None."""
-    dt = _mix_dtype(x)
-    logits = F.linear(x.to(dt), router.weight.to(dt))              # (N, E), >= float32 (MoLoRA code)
+    logits = router_logits(x, router.weight)                       # (N, E)
     return (logits, *gate(logits, top_k, renormalize))
 
 
@@ -126,7 +131,7 @@ class Router(nn.Module):
         nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.gate(route(x, self, self.top_k, self.renormalize)[0])
+        return self.gate(router_logits(x, self.weight))           # (N, E)
 
     def gate(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits (N, E), at least float32 -> gates (N, E); keeps idx and balance_loss."""
@@ -228,9 +233,8 @@ def dispatch_grouped(x, A, B, gates, idx, scaling, act: Callable | None = None):
     """Same maths as dispatch_fused, but each expert runs only on the tokens routed to it.
 
     idx (N, K): the experts kept per token (from `route`); None when gates is a Router, which
-    gives them. The N*K (token, slot) pairs are sorted
-    by expert, so each factor is one grouped GEMM and the matmul work is N K r (I + O) instead of
-    N E r (I + O): the path for large E / K. The GEMM is torch._grouped_mm where this build has a
+    gives them. The N*K (token, slot) pairs are sorted by expert, so each factor is one grouped
+    GEMM and the matmul work is N K r (I + O) instead of N E r (I + O): the path for large E / K. The GEMM is torch._grouped_mm where this build has a
     fast one (CUDA, bf16, sm90+). Elsewhere every expert's block is padded to the largest block
     and one bmm does all of them: no loop, but the block size is read back to the host, so under
     torch.compile the fallback breaks the graph. Padding rows read token 0 with gate 0, so they
