@@ -171,8 +171,9 @@ def _expert_inputs(x: torch.Tensor, A: torch.Tensor, router: Router | None = Non
     if fold:
         W = torch.cat([W, router.weight.to(x.dtype)])             # (E*r + E, I)
     z = x @ W.T                                                    # (N, E*r [+ E])
-    h = z[:, :A.numel() // I].view(x.shape[0], -1, r)              # (N, E, r) or (N, 1, r)
-    return h, (z[:, A.numel() // I:] if fold else None)
+    n = A.numel() // I                                             # E*r or r columns of x A^T
+    h, logits = z.split([n, z.shape[1] - n], dim=1) if fold else (z, None)   # (N, n), (N, E)
+    return h.view(x.shape[0], -1, r), logits                       # (N, E, r) or (N, 1, r)
 
 
 def dispatch_naive(x, A, B, gates, scaling, act: Callable | None = None):
