@@ -325,19 +325,25 @@ class AdaptedLinear(nn.Module):
     `forward` runs `update` with dispatch_auto (dispatch_fused; dispatch_grouped from the measured
     E / K crossover), `forward_naive` with the loop, so the paths share every line except the
     dispatch, and a test comparing them compares only that.
-    A layer with a balancing loss leaves it in `self.aux` for `aux_loss(model)` to collect.
+    A layer whose `router` is a Router has the balancing loss of its last forward in `aux`, for
+    `aux_loss(model)` to collect.
     """
 
     def __init__(self, base: nn.Linear, aux_loss_coef: float = 0.0):
         super().__init__()
         self.base = base.requires_grad_(False)
         self.aux_loss_coef = aux_loss_coef
-        self.aux = None                                            # set by routed forwards
 
     def _run(self, x, dispatch):
         x2 = x.reshape(-1, x.shape[-1])                            # (N, I)
         dy = self.update(x2, dispatch)                             # (N, O)
         return self.base(x) + dy.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+    @property
+    def aux(self) -> torch.Tensor | None:
+        """The Switch balancing loss of the last forward (None: no Router, or soft routing)."""
+        router = getattr(self, "router", None)
+        return router.balance_loss if isinstance(router, Router) else None
 
     def forward(self, x):
         return self._run(x, dispatch_auto)

@@ -96,7 +96,6 @@ class MALoRALinear(AdaptedLinear):
     def update(self, x, dispatch):
         """x (N, I) -> scaling * sum_t G_t B_t P_t S_A x, (N, O); S_A x is formed once per token."""
         gates = self.router(x)                            # (N, E)  the router reads x, not z
-        self.aux = self.router.balance_loss               # top-k: balanced (K == E is soft: None)
         z = self.dropout(x) @ self.shared_A.T             # (N, S)  Eq. 6: z = S_A x, once per token
         return dispatch(z, self.lora_P, self.lora_B, gates, self.scaling)  # (N, O)  Eq. 7
 

@@ -62,9 +62,7 @@ class MoLoRALinear(AdaptedLinear):
         """x (N, I) -> scaling * sum_e g_e B_e A_e x, (N, O). The dispatch routes x with the router;
         with dropout, the router reads x and the experts read dropout(x)."""
         gates = self.router(x) if self.dropout.p else self.router     # (N, E), or routed in dispatch
-        y = dispatch(self.dropout(x), self.lora_A, self.lora_B, gates, self.scaling)   # (N, O)
-        self.aux = self.router.balance_loss               # top-k only: the soft original has none
-        return y
+        return dispatch(self.dropout(x), self.lora_A, self.lora_B, gates, self.scaling)   # (N, O)
 
     def delta_weight(self, e: int) -> torch.Tensor:
         """Dense (O, I) update of expert e. For merging and tests, never called by forward."""

@@ -86,9 +86,7 @@ class MoSLDLinear(AdaptedLinear):
         # F.dropout on a weight is DropConnect: M * A / (1 - p), one fresh mask per call; A at eval
         A = F.dropout(self.shared_A, self.drop_a, self.training)  # (r, I)  Eq. 2, one mask per step
         B = F.dropout(self.lora_B, self.drop_b, self.training)    # (E, O, r)  Table 2 ablation
-        y = dispatch(x, A, B, self.router, self.scaling)  # (N, O)  Eq. 3, shared A: x A~^T once
-        self.aux = self.router.balance_loss               # E_l > K: a real top-k, balanced
-        return y
+        return dispatch(x, A, B, self.router, self.scaling)   # (N, O)  Eq. 3, shared A: x A~^T once
 
     def delta_weight(self, e: int) -> torch.Tensor:
         """Dense (O, I) update of expert e (eval: no mask). For merging and tests, never in forward."""
