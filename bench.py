@@ -8,7 +8,7 @@
 For each (E, D) it times, side by side, round-robin, the median of --repeats after a warm-up:
   frozen base       the frozen nn.Linear alone
   single LoRA E*r   lora.LoRALinear of rank E*r: dense routing's GEMM work with no router, the floor
-  router            common.route + balancing loss alone (part of every method row below)
+  router            common.Router + balancing loss alone (part of every method row below)
 and for each method (MoLoRA, MoSLD, MALoRA, MoDULA-Flan and -Res, soft over its domain experts;
 a method whose file is missing is skipped with a note):
   fused             common.dispatch_fused: the path layer(x) takes below the E / K crossover
@@ -41,8 +41,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import (aux_loss, dispatch_compiled, dispatch_fused, dispatch_grouped, dispatch_naive,
-                    inject, load_balance_loss, make_router, resolve_gates, route)
+from common import (Router, aux_loss, dispatch_compiled, dispatch_fused, dispatch_grouped,
+                    dispatch_naive, inject, resolve_gates)
 from gpt import GPT, GPTConfig
 from lora import LoRAConfig, LoRALinear
 
@@ -100,6 +100,9 @@ p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                     "on one thread, which other processes' load does not inflate (on a shared CPU)")
 p.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
 p.add_argument("--seed", type=int, default=0, help="seed for weights and inputs")
+p.add_argument("--os-malloc", action="store_true",
+               help="leave glibc's malloc as it is: it hands freed blocks of a few MiB back to the "
+                    "OS and page-faults them in again (by default bench.py keeps them, see keep_freed_memory)")
 args = p.parse_args()
 
 if args.device == "cuda" and not torch.cuda.is_available():
@@ -115,6 +118,26 @@ if args.top_k > min(args.experts):
     sys.exit(f"bench.py: --top-k {args.top_k} is more than the smallest --experts {min(args.experts)}")
 
 # ----------------------------------------------------------------------------- device
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory in the process, as PyTorch's CUDA caching allocator does.
+    By default glibc maps each block of a few MiB (an (N, O) activation at N=4096, O=256 is 4 MiB)
+    afresh and returns it to the OS when freed: a MoLoRA layer's forward + backward then takes
+    ~2000 page faults (1-2 ms, more than the router costs), a LoRA's ~1400, and the counts drift
+    with the allocator's adaptive threshold, so rows of one run differed by whole milliseconds.
+    False where this is not glibc (the timings then include the OS allocator)."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4                      # glibc's malloc.h
+        return bool(libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2 ** 30))
+    except (OSError, AttributeError):
+        return False
+
+
+kept_memory = args.device == "cpu" and not args.os_malloc and keep_freed_memory()
 torch.manual_seed(args.seed)
 device, dtype = torch.device(args.device), getattr(torch, args.dtype)
 if args.threads is not None or args.clock == "cpu":
@@ -300,11 +323,11 @@ def check_paths(name: str, layer: nn.Module, dispatches: dict, x):
             sys.exit(f"bench.py: {name} {path} differs from fused by {err:.1e} of the largest update")
 
 
-def route_only(router: nn.Linear, coef: float):
-    """The router's share of every routed layer: route + balancing loss, no experts, no base."""
+def route_only(router: Router, coef: float):
+    """The router's share of every routed layer: gates + balancing loss, no experts, no base."""
     def run(x):
-        _, probs, gates, idx = route(x, router, K)                 # (N, E) gates
-        return gates, (coef * load_balance_loss(probs, idx) if idx is not None else None)
+        gates = router(x)                                          # (N, E)
+        return gates, (coef * router.balance_loss if router.balance_loss is not None else None)
     return run
 
 
@@ -317,7 +340,7 @@ def bench_layer(E: int, D: int) -> dict:
     dgates = torch.randn(N, E, device=device)                                      # (N, E), float32
     lora = LoRALinear(base, LoRAConfig(rank=E * r)).to(device, dtype)
     nn.init.normal_(lora.lora_B, std=0.02)
-    router = make_router(D, E).to(device, dtype)
+    router = Router(D, E, K).to(device, dtype)
     grouped = grouped_with(K)
     runs = {("base", "frozen base"): (base, lambda x: (base(x), None), dy),
             ("base", f"single LoRA r={E * r}"): (lora, lambda x: (lora(x), None), dy),
@@ -426,7 +449,8 @@ def bench_train_step(E: int) -> dict:
 load_before = os.getloadavg()
 say(f"bench.py on {args.device} ({torch.get_num_threads()} threads, {args.clock} clock), "
     f"{args.dtype}, torch {torch.__version__}, load average {load_before[0]:.2f}; "
-    f"N={N} r={r} top-{K}; adapter = layer - frozen base; ratios are of adapter costs")
+    f"N={N} r={r} top-{K}; adapter = layer - frozen base; ratios are of adapter costs; "
+    f"freed memory {'kept (glibc mallopt)' if kept_memory else 'returned to the OS'}")
 results = []
 for D in dims:
     for E in experts:
@@ -470,7 +494,7 @@ for note in notes:
 say(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (1-minute)")
 if args.json:
     print(json.dumps({"device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
-                      "clock": args.clock, "torch": torch.__version__,
+                      "clock": args.clock, "torch": torch.__version__, "kept_freed_memory": kept_memory,
                       "load_average": [load_before[0], load_after[0]],
                       "layer": results, "grouped_from_E": crossover, "train_step": train,
                       "notes": notes}, indent=1))

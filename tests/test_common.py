@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import common
 from common import (aux_loss, count_trainable, dispatch_fused, dispatch_naive, inject, load_adapter,
                     load_balance_loss, route, router_z_loss, save_adapter)
 from gpt import GPT, GPTConfig
@@ -51,6 +52,38 @@ def test_topk_without_renormalisation_keeps_softmax_values():
     _, probs, gates, idx = route(torch.randn(9, 16), router, 2, renormalize=False)
     torch.testing.assert_close(gates.gather(-1, idx), probs.gather(-1, idx))
     assert (gates.sum(-1) < 1).all()                                     # the official MoLoRA code
+
+
+@pytest.mark.parametrize("E,K", [(5, 1), (5, 2), (5, 3), (8, 2), (8, 7)])
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_fast_gate_matches_reference_values_and_gradients(E, K, renormalize):
+    """_TopKGate (hand-written backward, CPU top-k by rounds of max) against gate() under autograd:
+    the same probs, gates and idx, and the same dL/dlogits for a loss on gates and probs both
+    (the balancing loss reaches the logits through probs), float64."""
+    torch.manual_seed(E * 10 + K)
+    logits = torch.randn(37, E, dtype=torch.float64) * 3
+    wg, wp = torch.randn(37, E, dtype=torch.float64), torch.randn(37, E, dtype=torch.float64)
+    results = []
+    for fn in (common.gate, common._TopKGate.apply):
+        lg = logits.clone().requires_grad_()
+        probs, gates, idx = fn(lg, K, renormalize)
+        ((gates * wg).sum() + (probs * wp).sum()).backward()
+        results.append((probs, gates, idx, lg.grad))
+    for ref, fast in zip(*results):
+        torch.testing.assert_close(fast, ref)
+    assert torch.autograd.gradcheck(lambda lg: common._TopKGate.apply(lg, K, renormalize)[:2],
+                                    logits[:6].clone().requires_grad_())
+
+
+def test_router_keeps_exactly_k_even_with_ties():
+    """The CPU top-k (rounds of max) keeps K distinct experts when probabilities tie: a token
+    whose logits are all equal still gets K experts, the lowest indices, each with weight 1/K."""
+    router = common.Router(4, 6, top_k=2)
+    nn.init.zeros_(router.weight)                                          # every logit 0: all tie
+    gates = router(torch.randn(5, 4))
+    assert ((gates > 0).sum(-1) == 2).all()
+    assert (router.idx == torch.tensor([0, 1])).all()
+    torch.testing.assert_close(gates[:, :2], torch.full((5, 2), 0.5))
 
 
 def test_balance_loss_hand_example():
