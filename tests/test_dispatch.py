@@ -108,7 +108,7 @@ def router_out_and_grads(dispatch, x, A, B, router, dy):
     """y, the balancing loss and the gradients of y + balancing loss for x, A, B and W_g."""
     y = dispatch(x, A, B, router, 0.7)                                     # (N, O)
     aux = [] if router.balance_loss is None else [router.balance_loss]
-    grads = torch.autograd.grad([y, *aux], [x, A, B, router.weight], [dy, *[torch.ones(())] * len(aux)])
+    grads = torch.autograd.grad([y, *aux], [x, A, B, router.weight], [dy, *map(torch.ones_like, aux)])
     return [y, *aux, *grads]
 
 
@@ -181,6 +181,22 @@ def test_fused_compiles_with_inductor_on_cuda(dtype):
     for o, rf in zip(out_and_grads(wrap(fn), x, A, B, top, idx, dy),
                      out_and_grads(wrap(dispatch_fused), x, A, B, top, idx, dy)):
         torch.testing.assert_close(o, rf, **tol)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_with_a_router_compiles_with_inductor_on_cuda(dtype):
+    """The top-k Router's hand-written backward (common._TopKGate) traced by inductor: one graph,
+    the numbers of eager, balancing loss and W_g's gradient included."""
+    torch._dynamo.reset()
+    fn = torch.compile(dispatch_fused, fullgraph=True)
+    (x, A, B, _), _, dy = routed(N=256, I=64, O=96, E=8, K=1, r=8, dtype=dtype, device="cuda")
+    torch.manual_seed(0)
+    router = common.Router(64, 8, 2).cuda()
+    tol = {} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    for o, rf in zip(router_out_and_grads(fn, x, A, B, router, dy),
+                     router_out_and_grads(dispatch_fused, x, A, B, router, dy)):
+        torch.testing.assert_close(o, rf.to(o.dtype), **tol)
 
 
 @needs_cuda
