@@ -101,8 +101,9 @@ p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
 p.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
 p.add_argument("--seed", type=int, default=0, help="seed for weights and inputs")
 p.add_argument("--os-malloc", action="store_true",
-               help="leave glibc's malloc as it is: it hands freed blocks of a few MiB back to the "
-                    "OS and page-faults them in again (by default bench.py keeps them, see keep_freed_memory)")
+               help="leave glibc's malloc as it is, which returns freed blocks of a few MiB to the "
+                    "OS and page-faults them in again; by default bench.py (CPU) serves every "
+                    "block from a heap that is never trimmed (keep_freed_memory)")
 args = p.parse_args()
 
 if args.device == "cuda" and not torch.cuda.is_available():
@@ -124,17 +125,19 @@ def keep_freed_memory() -> bool:
     """Make glibc keep freed memory in the process, as PyTorch's CUDA caching allocator does.
     By default glibc maps each block of a few MiB (an (N, O) activation at N=4096, O=256 is 4 MiB)
     afresh and returns it to the OS when freed: a MoLoRA layer's forward + backward then takes
-    ~2000 page faults (1-2 ms, more than the router costs), a LoRA's ~1400, and the counts drift
-    with the allocator's adaptive threshold, so rows of one run differed by whole milliseconds.
-    False where this is not glibc (the timings then include the OS allocator)."""
+    ~2000 page faults (1-2 ms, about the router's whole cost), a LoRA's ~1400, and the counts
+    drift with glibc's adaptive threshold, so repeated runs of one row differed by milliseconds.
+    Every block then comes from the heap (no mmap), which is never trimmed. False, and nothing
+    changed, where this is not glibc (macOS, musl: the timings then include the OS allocator)."""
     import ctypes
-    import ctypes.util
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4                      # glibc's malloc.h
-        return bool(libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2 ** 30))
-    except (OSError, AttributeError):
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4                          # glibc's malloc.h
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is None or not mallopt(M_TRIM_THRESHOLD, 2 ** 30):
         return False
+    if not mallopt(M_MMAP_MAX, 0):
+        mallopt(M_TRIM_THRESHOLD, 128 * 1024)                      # glibc's default, back again
+        return False
+    return True
 
 
 kept_memory = args.device == "cpu" and not args.os_malloc and keep_freed_memory()

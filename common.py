@@ -70,8 +70,8 @@ def _softmax(logits: torch.Tensor) -> torch.Tensor:
 
 def _top_k(probs: torch.Tensor, k: int):
     """probs.topk(k, dim=-1) -> values (N, K), indices (N, K). On CPU, k <= 2 runs as rounds of
-    max: ATen's CPU topk costs ~300 us at N=4096, E=8 whatever k, against ~40 us for one max
-    and ~150 us for two (2-core Xeon); from k = 3 topk is the cheaper. Ties go to the lower index."""
+    max, which keep the lower index among ties: ATen's CPU topk costs ~300 us at N=4096, E=8
+    whatever k, one max ~40 us, two rounds ~150 us; from k = 3 topk is the cheaper."""
     if probs.device.type != "cpu" or k > 2:
         return probs.topk(k, dim=-1)
     top, idx = probs.max(-1, keepdim=True)                         # (N, 1), the largest
@@ -85,11 +85,12 @@ def gate(logits: torch.Tensor, top_k: int, renormalize: bool = True):
     """Router logits (N, E), at least float32 -> probs (N, E), gates (N, E) that are zero outside
     the top-k, and idx (N, K), the kept experts. With K == E the routing is soft: gates == probs
     and idx is None. Fixed shapes, no boolean masks: safe for torch.compile(fullgraph=True).
-    The reference: autograd differentiates it (dispatch_naive); _TopKGate is the fast twin."""
+    The readable reference: Router runs top-k through _TopKGate, the same maths and selection
+    with a hand-written backward, and the tests check one against the other."""
     probs = _softmax(logits)                                       # (N, E)
     if top_k == probs.shape[-1]:                                   # soft routing: every expert kept
         return probs, probs, None
-    top, idx = probs.topk(top_k, dim=-1)                           # (N, K), (N, K)
+    top, idx = _top_k(probs, top_k)                                # (N, K), (N, K)
     if renormalize:
         top = top / top.sum(-1, keepdim=True)                      # the K kept weights sum to 1 (Eq. 1)
     gates = torch.zeros_like(probs).scatter(-1, idx, top)          # (N, E), zero outside the top-k
@@ -97,11 +98,10 @@ def gate(logits: torch.Tensor, top_k: int, renormalize: bool = True):
 
 
 class _TopKGate(torch.autograd.Function):
-    """gate() for top-k routing (K < E) with its backward written out: the same probs, gates and
-    idx, the same gradients (tests/test_common.py), in 9 element-wise ops on (N, E) where autograd
-    through gate() takes ~20, and top-2 by rounds of max (_top_k). One MoLoRA layer, N=4096, D=256,
-    E=8, top-2, 2-core CPU, forward + backward, old and new code side by side in one process:
-    adapter cost 6.7-7.0 -> 6.4-6.6 ms (-6 %). On tensors this small each ATen op costs 20-60 us.
+    """gate() for top-k routing (K < E; METHODS.md 1(b), Eq. 1) with its backward written out:
+    the same probs, gates and idx, the same gradients (tests/test_common.py), in 9 ops on (N, E)
+    (two of them row sums) where autograd through gate() runs ~20. On CPU, where each op on a
+    tensor this small costs 20-60 us, a MoLoRA layer's adapter cost fell by 6 % (README, Speed).
 
     With S the kept set (fixed under a small change of the logits l), for one token:
       renormalised   g_i = p_i / sum_{j in S} p_j = softmax over S   -> dl = g*(u - <g, u>)
@@ -118,15 +118,20 @@ class _TopKGate(torch.autograd.Function):
         gates = torch.zeros_like(probs).scatter_(-1, idx, top)     # (N, E)
         ctx.save_for_backward(probs, gates)
         ctx.renormalize = renormalize
-        ctx.mark_non_differentiable(idx)
+        ctx.set_materialize_grads(False)                           # None: that output is unused
         return probs, gates, idx
 
     @staticmethod
-    def backward(ctx, d_probs, d_gates, _):                        # (N, E), (N, E); zeros if unused
+    def backward(ctx, d_probs, d_gates, _):                        # (N, E) or None, each
         probs, gates = ctx.saved_tensors                           # (N, E), (N, E)
-        gu, pv = gates * d_gates, probs * d_probs                  # (N, E), (N, E)
-        d_logits = (gu - (gates if ctx.renormalize else probs) * gu.sum(-1, keepdim=True)
-                    + pv - probs * pv.sum(-1, keepdim=True))       # (N, E)
+        d_logits = None                                            # (N, E) dL/dlogits
+        if d_gates is not None:
+            gu = gates * d_gates                                   # (N, E)
+            d_logits = gu - (gates if ctx.renormalize else probs) * gu.sum(-1, keepdim=True)
+        if d_probs is not None:                                    # the balancing loss's share
+            pv = probs * d_probs                                   # (N, E)
+            d_p = pv - probs * pv.sum(-1, keepdim=True)            # (N, E)
+            d_logits = d_p if d_logits is None else d_logits + d_p
         return d_logits, None, None
 
 
@@ -178,23 +183,23 @@ class Router(nn.Module):
     def reset_parameters(self):
         nn.init.normal_(self.weight, std=0.02)
 
-    def forward(self, x: torch.Tensor, reference: bool = False) -> torch.Tensor:
-        return self.gate(router_logits(x, self.weight), reference)   # (N, E)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gate(router_logits(x, self.weight))           # (N, E)
 
-    def gate(self, logits: torch.Tensor, reference: bool = False) -> torch.Tensor:
+    def gate(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits (N, E), at least float32 -> gates (N, E); keeps idx and balance_loss.
-        Top-k routing goes through _TopKGate, or with reference=True through gate()."""
-        fast = not reference and self.top_k < logits.shape[-1]
-        probs, gates, self.idx = (_TopKGate.apply if fast else gate)(logits, self.top_k, self.renormalize)
+        Top-k routing runs through _TopKGate, soft routing through gate()."""
+        fn = _TopKGate.apply if self.top_k < logits.shape[-1] else gate
+        probs, gates, self.idx = fn(logits, self.top_k, self.renormalize)   # (N, E), (N, E), (N, K)
         self.balance_loss = None if self.idx is None else load_balance_loss(probs, self.idx)
         return gates
 
 
-def resolve_gates(gates, x: torch.Tensor, reference: bool = False) -> tuple:
+def resolve_gates(gates, x: torch.Tensor) -> tuple:
     """A dispatch's `gates` argument, a tensor (N, E) or a Router, -> (gates (N, E), idx (N, K) or
-    None: None for a tensor, which carries no top-k indices). reference: see Router.gate."""
+    None: None for a tensor, which carries no top-k indices)."""
     if isinstance(gates, Router):
-        return gates(x, reference), gates.idx
+        return gates(x), gates.idx
     return gates, None
 
 
@@ -232,7 +237,7 @@ def dispatch_naive(x, A, B, gates, scaling, act: Callable | None = None):
     x (N, I); A (E, r, I) per expert or (r, I) shared; B (E, O, r); gates (N, E), or a Router
     that computes them from x. Every expert runs on every token; top-k shows up only as zero gates.
     """
-    gates = resolve_gates(gates, x, reference=True)[0]             # (N, E), autograd's gradients
+    gates = resolve_gates(gates, x)[0]                             # (N, E)
     y = x.new_zeros(x.shape[0], B.shape[1], dtype=_mix_dtype(x))   # (N, O)
     for e in range(B.shape[0]):
         A_e = A if A.dim() == 2 else A[e]                          # (r, I)
@@ -285,10 +290,11 @@ def dispatch_grouped(x, A, B, gates, idx, scaling, act: Callable | None = None):
 
     idx (N, K): the experts kept per token (from `route`); None when gates is a Router, which
     gives them. The N*K (token, slot) pairs are sorted by expert, so each factor is one grouped
-    GEMM and the matmul work is N K r (I + O) instead of N E r (I + O): the path for large E / K. The GEMM is torch._grouped_mm where this build has a
-    fast one (CUDA, bf16, sm90+). Elsewhere every expert's block is padded to the largest block
-    and one bmm does all of them: no loop, but the block size is read back to the host, so under
-    torch.compile the fallback breaks the graph. Padding rows read token 0 with gate 0, so they
+    GEMM and the matmul work is N K r (I + O) instead of N E r (I + O): the path for large E / K.
+    The GEMM is torch._grouped_mm where this build has a fast one (CUDA, bf16, sm90+). Elsewhere
+    every expert's block is padded to the largest block and one bmm does all of them: no loop,
+    but the block size is read back to the host, so under torch.compile the fallback breaks the
+    graph. Padding rows read token 0 with gate 0, so they
     add nothing, forward or backward. Gates mix in float32 as in dispatch_fused. Each token sums
     its K rows with index_add, whose atomic adds on CUDA may vary the last bit for K > 2.
     """

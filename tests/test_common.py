@@ -76,14 +76,16 @@ def test_fast_gate_matches_reference_values_and_gradients(E, K, renormalize):
 
 
 def test_router_keeps_exactly_k_even_with_ties():
-    """The CPU top-k (rounds of max) keeps K distinct experts when probabilities tie: a token
-    whose logits are all equal still gets K experts, the lowest indices, each with weight 1/K."""
+    """Top-k keeps K distinct experts when probabilities tie, the same ones in the Router and in
+    gate(): all logits equal -> the K lowest indices (CPU, K <= 2), each with weight 1/K."""
     router = common.Router(4, 6, top_k=2)
     nn.init.zeros_(router.weight)                                          # every logit 0: all tie
     gates = router(torch.randn(5, 4))
     assert ((gates > 0).sum(-1) == 2).all()
     assert (router.idx == torch.tensor([0, 1])).all()
     torch.testing.assert_close(gates[:, :2], torch.full((5, 2), 0.5))
+    _, ref_gates, ref_idx = common.gate(torch.zeros(5, 6), 2)
+    assert torch.equal(ref_idx, router.idx) and torch.equal(ref_gates, gates)
 
 
 def test_balance_loss_hand_example():

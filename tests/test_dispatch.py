@@ -131,6 +131,26 @@ def test_router_in_the_dispatch_matches_naive(monkeypatch, path, K, shared):
         torch.testing.assert_close(o, rf)
 
 
+@pytest.mark.parametrize("K", [1, 2, 3])
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_router_gating_matches_autograd_through_gate(K, renormalize):
+    """End to end: the fused path handed a Router (gating by common._TopKGate's hand-written
+    backward) against the naive loop handed gates from gate() + load_balance_loss under plain
+    autograd. Output, balancing loss and the gradients of x, A, B and W_g."""
+    (x, A, B, _), _, dy = routed(N=11, I=37, O=53, E=5, K=1, r=3)
+    torch.manual_seed(0)
+    router = common.Router(37, 5, K, renormalize).double()
+    out = router_out_and_grads(dispatch_fused, x, A, B, router, dy)
+
+    def reference(x, A, B, router, scaling):
+        probs, gates, idx = common.gate(common.router_logits(x, router.weight), K, renormalize)
+        router.balance_loss = common.load_balance_loss(probs, idx)     # what Router.gate keeps
+        return dispatch_naive(x, A, B, gates, scaling)
+    ref = router_out_and_grads(reference, x, A, B, router, dy)
+    for o, rf in zip(out, ref):
+        torch.testing.assert_close(o, rf)
+
+
 def test_router_logits_stay_float32_for_bf16_inputs():
     """bf16 x: the router's W_g x is not folded into the bf16 matmul, so the gates are the float32
     ones of route(); the result is bit-equal to handing those gates over."""
