@@ -172,7 +172,7 @@ methods = {name: m for name in args.methods.split(",") if (m := load_method(name
 # ----------------------------------------------------------------------------- the naive sparse loop
 
 
-def dispatch_sparse_loop(x, A, B, gates, scaling, act=None):
+def dispatch_sparse_loop(x, A, B, gates, scaling, act=None, idx=None):
     """MixLoRA-style baseline, not a library path: each expert runs on the tokens whose gate for
     it is nonzero (a data-dependent nonzero per expert) and its output is added back with
     index_add. Same signature as common.dispatch_fused, so layer._run can use it."""
@@ -186,16 +186,6 @@ def dispatch_sparse_loop(x, A, B, gates, scaling, act=None):
             h = act(h)
         y = y.index_add(0, tok, (gates[tok, e, None] * (h @ B[e].T)).to(x.dtype))   # (n_e, O)
     return scaling * y
-
-
-def grouped_with(top_k: int):
-    """common.dispatch_grouped behind the dispatch signature the layers call. A Router gives idx;
-    dense gates (MALoRA's, routed outside the dispatch) need a topk over them (one (N, E) op)."""
-    def dispatch(x, A, B, gates, scaling, act=None):
-        gates, idx = resolve_gates(gates, x)
-        return dispatch_grouped(x, A, B, gates, gates.topk(top_k, dim=-1).indices if idx is None else idx,
-                                scaling, act)
-    return dispatch
 
 
 # ----------------------------------------------------------------------------- timing
@@ -344,7 +334,6 @@ def bench_layer(E: int, D: int) -> dict:
     lora = LoRALinear(base, LoRAConfig(rank=E * r)).to(device, dtype)
     nn.init.normal_(lora.lora_B, std=0.02)
     router = Router(D, E, K).to(device, dtype)
-    grouped = grouped_with(K)
     runs = {("base", "frozen base"): (base, lambda x: (base(x), None), dy),
             ("base", f"single LoRA r={E * r}"): (lora, lambda x: (lora(x), None), dy),
             ("base", "router"): (router, route_only(router, 0.01), dgates)}
@@ -360,7 +349,7 @@ def bench_layer(E: int, D: int) -> dict:
         dispatches = {"fused": dispatch_fused, "naive dense": dispatch_naive,
                       "naive sparse": dispatch_sparse_loop}
         if K < E and name not in SOFT:                             # soft routing has nothing to skip
-            dispatches["grouped"] = grouped
+            dispatches["grouped"] = dispatch_grouped
         if args.compile:                                           # compiled in check_paths, once
             dispatches["fused compiled"] = dispatch_compiled
         check_paths(name, layer, dispatches, x)

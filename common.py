@@ -231,11 +231,13 @@ def _expert_inputs(x: torch.Tensor, A: torch.Tensor, router: Router | None = Non
     return h.view(x.shape[0], -1, r), logits                       # (N, E, r) or (N, 1, r)
 
 
-def dispatch_naive(x, A, B, gates, scaling, act: Callable | None = None):
+def dispatch_naive(x, A, B, gates, scaling, act: Callable | None = None, idx=None):
     """y = scaling * sum_e g_e * B_e act(A_e x), one expert at a time. The reference.
 
     x (N, I); A (E, r, I) per expert or (r, I) shared; B (E, O, r); gates (N, E), or a Router
     that computes them from x. Every expert runs on every token; top-k shows up only as zero gates.
+    Every dispatch takes these arguments; idx (N, K), the top-k experts of tensor gates, is used
+    only by the grouped path (dispatch_grouped, dispatch_auto).
     """
     gates = resolve_gates(gates, x)[0]                             # (N, E)
     y = x.new_zeros(x.shape[0], B.shape[1], dtype=_mix_dtype(x))   # (N, O)
@@ -248,7 +250,7 @@ def dispatch_naive(x, A, B, gates, scaling, act: Callable | None = None):
     return (scaling * y).to(x.dtype)
 
 
-def dispatch_fused(x, A, B, gates, scaling, act: Callable | None = None):
+def dispatch_fused(x, A, B, gates, scaling, act: Callable | None = None, idx=None):
     """Same maths as dispatch_naive with no loop over experts: (N, E*r) @ (E*r, O).
 
     The gate product is formed in float32 (gates come from a float32 softmax) and rounded once to
@@ -285,21 +287,23 @@ def _per_expert_mm(a: torch.Tensor, W: torch.Tensor, ends: torch.Tensor, pad: in
     return torch.bmm(a.view(W.shape[0], pad, -1), W).flatten(0, 1)   # (E, C, k) @ (E, k, n) -> (E*C, n)
 
 
-def dispatch_grouped(x, A, B, gates, idx, scaling, act: Callable | None = None):
+def dispatch_grouped(x, A, B, gates, scaling, act: Callable | None = None, idx=None):
     """Same maths as dispatch_fused, but each expert runs only on the tokens routed to it.
 
-    idx (N, K): the experts kept per token (from `route`); None when gates is a Router, which
-    gives them. The N*K (token, slot) pairs are sorted by expert, so each factor is one grouped
+    idx (N, K): the experts kept per token, needed with tensor gates (a layer that routes before
+    the dispatch passes its Router's idx); a Router as the gates gives them itself. The N*K (token, slot) pairs are sorted by expert, so each factor is one grouped
     GEMM and the matmul work is N K r (I + O) instead of N E r (I + O): the path for large E / K.
     The GEMM is torch._grouped_mm where this build has a fast one (CUDA, bf16, sm90+). Elsewhere
     every expert's block is padded to the largest block and one bmm does all of them: no loop,
     but the block size is read back to the host, so under torch.compile the fallback breaks the
-    graph. Padding rows read token 0 with gate 0, so they
-    add nothing, forward or backward. Gates mix in float32 as in dispatch_fused. Each token sums
-    its K rows with index_add, whose atomic adds on CUDA may vary the last bit for K > 2.
+    graph. Padding rows read token 0 with gate 0, so they add nothing, forward or backward.
+    Gates mix in float32 as in dispatch_fused. Each token sums its K rows with index_add, whose
+    atomic adds on CUDA may vary the last bit for K > 2.
     """
     if isinstance(gates, Router):
         gates, idx = resolve_gates(gates, x)                       # (N, E), (N, K)
+    elif idx is None:
+        raise ValueError("dispatch_grouped: tensor gates need idx (N, K), the experts each token keeps")
     (N, K), (E, O, r) = idx.shape, B.shape
     pairs = torch.arange(N * K, device=x.device)                  # (N*K,) (token, slot), token-major
     expert = idx.reshape(-1)                                       # (N*K,) expert of each pair
@@ -350,7 +354,7 @@ def dispatch_auto(x, A, B, gates, scaling, act: Callable | None = None, idx=None
     K = gates.top_k if isinstance(gates, Router) else idx.shape[1] if idx is not None else E
     crossover = GROUPED_FROM_E_OVER_K.get(x.device.type)
     if K < E and crossover is not None and E >= crossover * K:
-        return dispatch_grouped(x, A, B, gates, idx, scaling, act)
+        return dispatch_grouped(x, A, B, gates, scaling, act, idx)
     return dispatch_fused(x, A, B, gates, scaling, act)
 
 

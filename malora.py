@@ -97,7 +97,8 @@ class MALoRALinear(AdaptedLinear):
         """x (N, I) -> scaling * sum_t G_t B_t P_t S_A x, (N, O); S_A x is formed once per token."""
         gates = self.router(x)                            # (N, E)  the router reads x, not z
         z = self.dropout(x) @ self.shared_A.T             # (N, S)  Eq. 6: z = S_A x, once per token
-        return dispatch(z, self.lora_P, self.lora_B, gates, self.scaling)  # (N, O)  Eq. 7
+        return dispatch(z, self.lora_P, self.lora_B, gates, self.scaling,
+                        idx=self.router.idx)              # (N, O)  Eq. 7; idx: for the grouped path
 
     def delta_weight(self, e: int) -> torch.Tensor:
         """Dense (O, I) update of expert e, B_e P_e S_A. For merging and tests, never in forward."""

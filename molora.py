@@ -61,8 +61,11 @@ class MoLoRALinear(AdaptedLinear):
     def update(self, x, dispatch):
         """x (N, I) -> scaling * sum_e g_e B_e A_e x, (N, O). The dispatch routes x with the router;
         with dropout, the router reads x and the experts read dropout(x)."""
-        gates = self.router(x) if self.dropout.p else self.router     # (N, E), or routed in dispatch
-        return dispatch(self.dropout(x), self.lora_A, self.lora_B, gates, self.scaling)   # (N, O)
+        if not self.dropout.p:                                    # the dispatch routes x itself
+            return dispatch(x, self.lora_A, self.lora_B, self.router, self.scaling)   # (N, O)
+        gates = self.router(x)                                    # (N, E), from the clean x
+        return dispatch(self.dropout(x), self.lora_A, self.lora_B, gates, self.scaling,
+                        idx=self.router.idx)                      # (N, O)
 
     def delta_weight(self, e: int) -> torch.Tensor:
         """Dense (O, I) update of expert e. For merging and tests, never called by forward."""

@@ -42,7 +42,7 @@ def naive(x, A, B, gates, idx, act=None):
 
 
 def grouped(x, A, B, gates, idx, act=None):
-    return dispatch_grouped(x, A, B, gates, idx, 0.7, act)
+    return dispatch_grouped(x, A, B, gates, 0.7, act, idx)
 
 
 def fused(x, A, B, gates, idx, act=None):
@@ -86,7 +86,8 @@ def test_grouped_all_tokens_on_one_expert():
 def test_auto_picks_by_the_crossover(monkeypatch, E, K, expect):
     monkeypatch.setitem(common.GROUPED_FROM_E_OVER_K, "cpu", 8)               # pin it for the test
     calls = []
-    monkeypatch.setattr(common, "dispatch_grouped", lambda *a: calls.append("grouped") or dispatch_grouped(*a))
+    monkeypatch.setattr(common, "dispatch_grouped",
+                        lambda *a, **k: calls.append("grouped") or dispatch_grouped(*a, **k))
     monkeypatch.setattr(common, "dispatch_fused", lambda *a: calls.append("fused") or dispatch_fused(*a))
     (x, A, B, top), idx, dy = routed(N=6, I=10, O=9, E=E, K=K, r=2)
     out = out_and_grads(lambda x, A, B, g, i: dispatch_auto(x, A, B, g, 0.7, idx=i), x, A, B, top, idx, dy)
@@ -123,7 +124,7 @@ def test_router_in_the_dispatch_matches_naive(monkeypatch, path, K, shared):
     torch.manual_seed(0)
     router = common.Router(37, 5, K).double()
     paths = {"fused": dispatch_fused, "auto": dispatch_auto,
-             "grouped": lambda x, A, B, g, s: dispatch_grouped(x, A, B, g, None, s)}
+             "grouped": dispatch_grouped}
     ref = router_out_and_grads(dispatch_naive, x, A, B, router, dy)
     out = router_out_and_grads(paths[path], x, A, B, router, dy)
     assert len(out) == len(ref) == (5 if K == 5 else 6)                  # soft: no balancing loss
@@ -149,6 +150,30 @@ def test_router_gating_matches_autograd_through_gate(K, renormalize):
     ref = router_out_and_grads(reference, x, A, B, router, dy)
     for o, rf in zip(out, ref):
         torch.testing.assert_close(o, rf)
+
+
+@pytest.mark.parametrize("method", ["malora", "molora-dropout"])
+def test_layers_that_route_before_the_dispatch_reach_the_grouped_path(monkeypatch, method):
+    """MALoRA (the router reads x, the experts S_A x) and MoLoRA with dropout (the experts read
+    dropout(x)) route before the dispatch and hand it the Router's idx, so past the crossover their
+    forward runs grouped, and still matches the loop, outputs and every gradient."""
+    import torch.nn as nn
+    from layer_checks import assert_paths_match
+    from malora import MALoRAConfig, MALoRALinear
+    from molora import MoLoRAConfig, MoLoRALinear
+    monkeypatch.setitem(common.GROUPED_FROM_E_OVER_K, "cpu", 4)           # E / K = 8 is past it
+    calls = []
+    monkeypatch.setattr(common, "dispatch_grouped",
+                        lambda *a, **k: calls.append("grouped") or dispatch_grouped(*a, **k))
+    torch.manual_seed(0)
+    layer = (MALoRALinear(nn.Linear(37, 53), MALoRAConfig(num_experts=8, top_k=1, rank=4, shared_rank=9))
+             if method == "malora" else
+             MoLoRALinear(nn.Linear(37, 53), MoLoRAConfig(num_experts=8, top_k=1, rank=4, dropout=0.1)))
+    layer = layer.double()
+    nn.init.normal_(layer.lora_B)
+    x, dy = torch.randn(11, 37, dtype=torch.float64), torch.randn(11, 53, dtype=torch.float64)
+    assert_paths_match(layer, x, dy, seed=3)
+    assert calls == ["grouped"]
 
 
 def test_router_logits_stay_float32_for_bf16_inputs():
@@ -263,7 +288,7 @@ def test_bf16_inputs_close_to_float64(path):
     x, A, B = (t.detach().bfloat16() for t in (x, A, B))
     gates = torch.zeros(64, 6).scatter(-1, idx, top.detach())
     y = (dispatch_fused(x, A, B, gates, 0.7) if path is dispatch_fused
-         else dispatch_grouped(x, A, B, gates, idx, 0.7))
+         else dispatch_grouped(x, A, B, gates, 0.7, idx=idx))
     ref = dispatch_naive(x.double(), A.double(), B.double(), gates.double(), 0.7)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.double(), ref, rtol=0, atol=2 ** -6 * ref.abs().max().item())
