@@ -46,6 +46,11 @@ def make_router(I: int, E: int) -> nn.Linear:
     return router
 
 
+# The allowed value of `renormalize` when top_k is 1, for every config that has both fields.
+TOP1_RENORMALIZE = ("False when top_k is 1: one renormalised gate is always 1, so the router would "
+                    "learn only from the balancing loss (Switch keeps the probability)")
+
+
 def check_field(cls: str, name: str, value, ok: bool, allowed: str):
     """One message format for every config error: names the field, its value and what is allowed."""
     if not ok:
@@ -153,7 +158,8 @@ def load_balance_loss(probs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Switch balancing loss, E * sum_e f_e * P_e (Fedus et al. 2021, Eq. 4; METHODS.md 2(b)).
 
     f_e: share of the (token, slot) picks that go to expert e.  P_e: mean router probability of e.
-    Equals 1 when routing is perfectly uniform, E when every token goes to one expert.
+    Equals 1 when routing is perfectly uniform; at most E / K, when every token puts all its
+    probability on the same K experts (E with top-1).
     """
     N, E = probs.shape
     picks = torch.zeros_like(probs).scatter(-1, idx, 1.0)          # (N, E), K ones per row

@@ -1,7 +1,7 @@
 """LoRA: the single-adapter baseline every mixture is compared against.
 
 LoRA: Low-Rank Adaptation of Large Language Models (Hu et al., ICLR 2022),
-https://arxiv.org/abs/2106.09685
+https://arxiv.org/abs/2106.09685 ; METHODS.md 0.1 (plain LoRA).
 
     y = W0 x + (alpha / r) * B A x,    A (r, I) random,  B (O, r) zero          (Eq. 3)
 

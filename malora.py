@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from common import AdaptedLinear, Router, check_field, lora_uniform_
+from common import TOP1_RENORMALIZE, AdaptedLinear, Router, check_field, lora_uniform_
 
 
 @dataclass
@@ -52,6 +52,8 @@ class MALoRAConfig:
                     f">= rank ({self.rank}), so that each expert can reach rank r-bar (§3.2)")
         check_field("MALoRAConfig", "top_k", self.top_k, 1 <= self.top_k <= self.num_experts,
                     f"in 1..num_experts ({self.num_experts})")
+        check_field("MALoRAConfig", "renormalize", self.renormalize,
+                    not (self.renormalize and self.top_k == 1 < self.num_experts), TOP1_RENORMALIZE)
         check_field("MALoRAConfig", "beta", self.beta, self.beta > 0, "> 0")
         check_field("MALoRAConfig", "aux_loss_coef", self.aux_loss_coef, self.aux_loss_coef >= 0, ">= 0")
         check_field("MALoRAConfig", "dropout", self.dropout, 0 <= self.dropout < 1, "in [0, 1)")
@@ -59,7 +61,8 @@ class MALoRAConfig:
     @classmethod
     def from_molora(cls, rank: int = 8, num_experts: int = 8, lam: float = 0.5, **kw):
         """The MALoRA that replaces a MoLoRA of rank r0: S = lambda r0 E, r-bar = (2 - lambda) r0,
-        alpha = 2 r-bar (§3.2). from_molora(8, 8, 0.5) is the default config."""
+        alpha = 2 r-bar (Tables 8-9: alpha / r-bar = 2, the baseline's 16 / 8). from_molora(8, 8,
+        0.5) is the default config."""
         check_field("MALoRAConfig", "lam", lam, 0 < lam < 1, "in (0, 1)")
         r = round((2 - lam) * rank)
         return cls(num_experts=num_experts, rank=r, shared_rank=round(lam * rank * num_experts),

@@ -7,18 +7,22 @@ Tuning (Zadouri et al., ICLR 2024), https://arxiv.org/abs/2309.05444 ; METHODS.m
     g(x) = renorm(TopK_K(softmax(W_g x)))         top-k, as MALoRA/MoSLD use   (METHODS.md 1(h))
     y    = W0 x + (alpha / r) * sum_e g_e(x) * B_e A_e x
 
-Defaults follow the official code: A ~ N(0, 0.02^2), B = 0, router ~ N(0, 0.02^2), no bias,
-float32 router logits, no aux loss with soft routing. top_k=K turns on the top-k variant with the
-Switch balancing loss (coefficient 0.01, MALoRA Tables 8-9).
+Init and routing follow the official code (METHODS.md 1(e)): A ~ N(0, 0.02^2), B = 0, router
+~ N(0, 0.02^2), no bias, float32 router logits, no aux loss with soft routing. top_k=K turns on
+the top-k variant with the Switch balancing loss (coefficient 0.01, MALoRA Tables 8-9); top-1
+needs renormalize=False (one renormalised gate is always 1 and would not train the router).
 Not included: MoV ((IA)^3 experts), router jitter noise, routing on sentence embeddings.
-Deviations: alpha is a config field (the official code fixes it at 16).
+Deviations: alpha is a config field (the official code fixes it at 16). E = 8, r = 8 are the
+MALoRA baseline's sizes (1(h)), not the official config's E = 10, r = 4. No dropout by default,
+as in the official code; the MALoRA paper lists LoRA dropout 0.05 for its whole setup, baseline
+included (3(e)), so `--cfg dropout=0.05` matches that comparison.
 """
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from common import AdaptedLinear, Router, check_field
+from common import TOP1_RENORMALIZE, AdaptedLinear, Router, check_field
 
 
 @dataclass
@@ -38,6 +42,8 @@ class MoLoRAConfig:
         check_field("MoLoRAConfig", "top_k", self.top_k,
                     self.top_k is None or 1 <= self.top_k <= self.num_experts,
                     f"None (soft) or in 1..num_experts ({self.num_experts})")
+        check_field("MoLoRAConfig", "renormalize", self.renormalize,
+                    not (self.renormalize and self.top_k == 1 < self.num_experts), TOP1_RENORMALIZE)
         check_field("MoLoRAConfig", "aux_loss_coef", self.aux_loss_coef, self.aux_loss_coef >= 0, ">= 0")
         check_field("MoLoRAConfig", "dropout", self.dropout, 0 <= self.dropout < 1, "in [0, 1)")
 

@@ -46,8 +46,10 @@ class MoSLDConfig:
                     len(counts) > 0 and all(isinstance(E, int) and E >= 1 for E in counts),
                     "an integer >= 1 or a non-empty tuple of them (one per block of layers)")
         check_field("MoSLDConfig", "rank", self.rank, self.rank >= 1, "an integer >= 1")
-        check_field("MoSLDConfig", "top_k", self.top_k, 1 <= self.top_k <= max(counts),
-                    f"in 1..max(num_experts) ({max(counts)})")
+        check_field("MoSLDConfig", "top_k", self.top_k,
+                    1 <= self.top_k <= max(counts) and (self.top_k > 1 or max(counts) == 1),
+                    f"in 2..max(num_experts) ({max(counts)}): the kept gates are renormalised, and "
+                    "one renormalised gate is always 1, which the router cannot learn from")
         for name in ("drop_a", "drop_b"):
             p = getattr(self, name)
             check_field("MoSLDConfig", name, p, 0 <= p < 1, "in [0, 1)")

@@ -88,6 +88,25 @@ def test_router_keeps_exactly_k_even_with_ties():
     assert torch.equal(ref_idx, router.idx) and torch.equal(ref_gates, gates)
 
 
+def test_top_1_configs_refuse_a_renormalised_gate():
+    """top_k=1 with renormalisation would make the one kept gate always 1: the router would get no
+    gradient from the task. The configs say so, naming the field; MoSLD, which always
+    renormalises, needs top_k >= 2 unless every layer has one expert."""
+    from malora import MALoRAConfig
+    from mosld import MoSLDConfig
+    for cls in (MoLoRAConfig, MALoRAConfig):
+        with pytest.raises(ValueError, match=f"{cls.__name__}.renormalize=True: must be False when top_k is 1"):
+            cls(top_k=1)
+        assert cls(top_k=1, renormalize=False).top_k == 1
+    with pytest.raises(ValueError, match="MoSLDConfig.top_k=1: must be in 2..max"):
+        MoSLDConfig(top_k=1)
+    assert MoSLDConfig(num_experts=1, top_k=1).top_k == 1
+    layer = MoLoRALinear(nn.Linear(8, 8), MoLoRAConfig(num_experts=4, rank=2, top_k=1, renormalize=False))
+    nn.init.normal_(layer.lora_B)
+    layer(torch.randn(5, 8)).square().sum().backward()
+    assert layer.router.weight.grad.abs().sum() > 0                    # Switch's gate carries it
+
+
 def test_balance_loss_hand_example():
     # 2 tokens, E = 2, top-1. Token 0 -> expert 0, token 1 -> expert 0.
     probs = torch.tensor([[0.75, 0.25], [0.5, 0.5]])
@@ -149,7 +168,8 @@ def test_dispatch_fused_compiles_without_graph_break():
 def test_molora_fused_matches_naive(K):
     torch.manual_seed(0)
     I, O, E, r = 37, 53, 5, 4
-    layer = MoLoRALinear(nn.Linear(I, O), MoLoRAConfig(num_experts=E, rank=r, top_k=K)).double()
+    cfg = MoLoRAConfig(num_experts=E, rank=r, top_k=K, renormalize=K != 1)   # top-1: Switch's gate
+    layer = MoLoRALinear(nn.Linear(I, O), cfg).double()
     nn.init.normal_(layer.lora_B)                         # B = 0 would make this test trivial
     x, dy = torch.randn(2, 7, I).double(), torch.randn(2, 7, O).double()
     assert_paths_match(layer, x, dy)

@@ -166,9 +166,9 @@ def test_layers_that_route_before_the_dispatch_reach_the_grouped_path(monkeypatc
     monkeypatch.setattr(common, "dispatch_grouped",
                         lambda *a, **k: calls.append("grouped") or dispatch_grouped(*a, **k))
     torch.manual_seed(0)
-    layer = (MALoRALinear(nn.Linear(37, 53), MALoRAConfig(num_experts=8, top_k=1, rank=4, shared_rank=9))
-             if method == "malora" else
-             MoLoRALinear(nn.Linear(37, 53), MoLoRAConfig(num_experts=8, top_k=1, rank=4, dropout=0.1)))
+    top1 = dict(num_experts=8, top_k=1, renormalize=False, rank=4)
+    layer = (MALoRALinear(nn.Linear(37, 53), MALoRAConfig(shared_rank=9, **top1)) if method == "malora"
+             else MoLoRALinear(nn.Linear(37, 53), MoLoRAConfig(dropout=0.1, **top1)))
     layer = layer.double()
     nn.init.normal_(layer.lora_B)
     x, dy = torch.randn(11, 37, dtype=torch.float64), torch.randn(11, 53, dtype=torch.float64)
