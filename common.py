@@ -22,8 +22,9 @@ import hashlib
 import json
 import math
 import os
+import dataclasses
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, get_args
 
 import torch
 import torch.nn as nn
@@ -55,6 +56,33 @@ def check_field(cls: str, name: str, value, ok: bool, allowed: str):
     """One message format for every config error: names the field, its value and what is allowed."""
     if not ok:
         raise ValueError(f"{cls}.{name}={value!r}: must be {allowed}")
+
+
+def is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+_KINDS = {int: (is_int, "an integer"), float: (is_real, "a finite number"),
+          bool: (lambda v: isinstance(v, bool), "true or false"), str: (lambda v: isinstance(v, str), "a string"),
+          tuple: (lambda v: isinstance(v, tuple), "a list"), type(None): (lambda v: v is None, "null")}
+
+
+def check_types(cfg):
+    """Every field of a config dataclass against its annotation (int, float, bool, str, tuple and
+    unions such as int | None), before the range checks, so that `--cfg rank=2.5` or
+    `renormalize=maybe` fails naming the field. `targets` must be a list of module names."""
+    for f in dataclasses.fields(cfg):
+        value, kinds = getattr(cfg, f.name), get_args(f.type) or (f.type,)
+        check_field(type(cfg).__name__, f.name, value, any(_KINDS[k][0](value) for k in kinds),
+                    " or ".join(_KINDS[k][1] for k in kinds))
+    if hasattr(cfg, "targets"):
+        check_field(type(cfg).__name__, "targets", cfg.targets,
+                    len(cfg.targets) > 0 and all(isinstance(t, str) and t for t in cfg.targets),
+                    'a non-empty list of linear names, e.g. ["q", "v"]')
 
 
 # ----------------------------------------------------------------------------- routing

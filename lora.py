@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from common import AdaptedLinear, check_field, lora_uniform_
+from common import AdaptedLinear, check_field, check_types, lora_uniform_
 
 
 @dataclass
@@ -24,7 +24,9 @@ class LoRAConfig:
     targets: tuple = ("q", "k", "v", "o", "up", "down")   # same modules as MoLoRA by default
 
     def __post_init__(self):
+        check_types(self)
         check_field("LoRAConfig", "rank", self.rank, self.rank >= 1, "an integer >= 1")
+        check_field("LoRAConfig", "alpha", self.alpha, self.alpha > 0, "> 0")
         check_field("LoRAConfig", "dropout", self.dropout, 0 <= self.dropout < 1, "in [0, 1)")
 
 

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from common import TOP1_RENORMALIZE, AdaptedLinear, Router, check_field, lora_uniform_
+from common import (TOP1_RENORMALIZE, AdaptedLinear, Router, check_field, check_types,
+                    lora_uniform_)
 
 
 @dataclass
@@ -39,15 +40,17 @@ class MALoRAConfig:
     shared_rank: int = 32         # S (paper's d) = lambda r0 E, rows of the shared S_A
     alpha: float = 24.0           # scaling = alpha / r-bar = 2, as MoLoRA's 16 / 8 (Table 8)
     top_k: int = 2                # K (Tables 8-9)
-    renormalize: bool = True      # not stated in the paper; Mixtral/MixLoRA practice (3(b))
     beta: float = 1.0             # init weight balance scale (Table 8; 1.25 intra-domain)
     aux_loss_coef: float = 0.01   # Tables 8-9 (0.001 in the text of §4.1)
     dropout: float = 0.05         # on x, before S_A (Tables 8-9)
+    renormalize: bool = True      # not stated in the paper; Mixtral/MixLoRA practice (3(b))
     targets: tuple = ("q", "k", "v", "up", "down")   # all but o; the tiny GPT has no gate
 
     def __post_init__(self):
+        check_types(self)
         check_field("MALoRAConfig", "num_experts", self.num_experts, self.num_experts >= 1, "an integer >= 1")
         check_field("MALoRAConfig", "rank", self.rank, self.rank >= 1, "an integer >= 1")
+        check_field("MALoRAConfig", "alpha", self.alpha, self.alpha > 0, "> 0")
         check_field("MALoRAConfig", "shared_rank", self.shared_rank, self.shared_rank >= self.rank,
                     f">= rank ({self.rank}), so that each expert can reach rank r-bar (§3.2)")
         check_field("MALoRAConfig", "top_k", self.top_k, 1 <= self.top_k <= self.num_experts,

@@ -32,8 +32,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (AdaptedLinear, Stage, check_field, dispatch_fused, dispatch_gathered,
-                    dispatch_naive, lora_uniform_, make_router, route, stage_mode)
+from common import (AdaptedLinear, Stage, check_field, check_types, dispatch_fused,
+                    dispatch_gathered, dispatch_naive, is_real, lora_uniform_, make_router, route,
+                    stage_mode)
 
 
 @dataclass
@@ -48,16 +49,18 @@ class MoAConfig:
     targets: tuple = ("q", "k", "v", "o", "up", "down")
 
     def __post_init__(self):
+        check_types(self)
         c = "MoAConfig"
         for name in ("num_domains", "rank", "prompt_len"):
             v = getattr(self, name)
-            check_field(c, name, v, isinstance(v, int) and v >= 1, "an integer >= 1")
+            check_field(c, name, v, v >= 1, "an integer >= 1")
+        check_field(c, "alpha", self.alpha, self.alpha > 0, "> 0")
         check_field(c, "routing", self.routing, self.routing in ("sequence", "token"),
                     "'sequence' or 'token'")
         check_field(c, "router_loss_coef", self.router_loss_coef, self.router_loss_coef > 0,
                     "> 0 (with gold routing the CE is the routers' only signal)")
         check_field(c, "stage_steps", self.stage_steps, len(self.stage_steps) == 2
-                    and all(f > 0 for f in self.stage_steps), "2 shares > 0 (LoRAs, router)")
+                    and all(is_real(f) and f > 0 for f in self.stage_steps), "2 shares > 0 (LoRAs, router)")
 
 
 class MoALinear(AdaptedLinear):

@@ -43,8 +43,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (AdaptedLinear, Stage, check_field, lora_uniform_, make_router, route,
-                    stage_mode)
+from common import (AdaptedLinear, Stage, check_field, check_types, is_real, lora_uniform_,
+                    make_router, route, stage_mode)
 
 UNIVERSAL = -1                    # MoDULALinear.active in stage 1: the universal expert alone
 
@@ -61,15 +61,16 @@ class MoDULAConfig:
     targets: tuple = ("q", "k", "v", "o", "up", "down")   # not reported; same as MoLoRA here
 
     def __post_init__(self):
+        check_types(self)
         c = "MoDULAConfig"
         check_field(c, "variant", self.variant, self.variant in ("flan", "res"), "'flan' or 'res'")
         for name in ("num_domains", "universal_rank", "domain_rank"):
             v = getattr(self, name)
-            check_field(c, name, v, isinstance(v, int) and v >= 1, "an integer >= 1")
+            check_field(c, name, v, v >= 1, "an integer >= 1")
         check_field(c, "alpha", self.alpha, self.alpha > 0, "> 0")
         check_field(c, "negative_slope", self.negative_slope, self.negative_slope >= 0, ">= 0")
         check_field(c, "stage_steps", self.stage_steps, len(self.stage_steps) == 3
-                    and all(f > 0 for f in self.stage_steps), "3 shares > 0 (universal, domains, router)")
+                    and all(is_real(f) and f > 0 for f in self.stage_steps), "3 shares > 0 (universal, domains, router)")
 
 
 class MoDULALinear(AdaptedLinear):

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from common import TOP1_RENORMALIZE, AdaptedLinear, Router, check_field
+from common import TOP1_RENORMALIZE, AdaptedLinear, Router, check_field, check_types
 
 
 @dataclass
@@ -37,8 +37,10 @@ class MoLoRAConfig:
     targets: tuple = ("q", "k", "v", "o", "up", "down")   # attention and FFN, as the official code
 
     def __post_init__(self):
+        check_types(self)
         check_field("MoLoRAConfig", "num_experts", self.num_experts, self.num_experts >= 1, "an integer >= 1")
         check_field("MoLoRAConfig", "rank", self.rank, self.rank >= 1, "an integer >= 1")
+        check_field("MoLoRAConfig", "alpha", self.alpha, self.alpha > 0, "> 0")
         check_field("MoLoRAConfig", "top_k", self.top_k,
                     self.top_k is None or 1 <= self.top_k <= self.num_experts,
                     f"None (soft) or in 1..num_experts ({self.num_experts})")

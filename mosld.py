@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import AdaptedLinear, Router, check_field, lora_uniform_
+from common import AdaptedLinear, Router, check_field, check_types, is_int, lora_uniform_
 
 
 @dataclass
@@ -36,16 +36,18 @@ class MoSLDConfig:
     alpha: float = 16.0            # scaling = alpha / r = 2 (§4.3)
     top_k: int = 2                 # K (Eq. 1); layers with E_l <= K keep all their experts
     drop_a: float = 0.1            # p, DropConnect on the entries of the shared A (Eq. 2, §4.3)
-    drop_b: float = 0.0            # DropConnect on the entries of B instead: Table 2's ablation
     aux_loss_coef: float = 0.01    # Switch balancing loss; the paper gives no value (METHODS 2(b))
+    drop_b: float = 0.0            # DropConnect on the entries of B instead: Table 2's ablation
     targets: tuple = ("q", "v")    # attention q and v only (§4.3, Limitations)
 
     def __post_init__(self):
+        check_types(self)
         counts = self.num_experts if isinstance(self.num_experts, tuple) else (self.num_experts,)
         check_field("MoSLDConfig", "num_experts", self.num_experts,
-                    len(counts) > 0 and all(isinstance(E, int) and E >= 1 for E in counts),
+                    len(counts) > 0 and all(is_int(E) and E >= 1 for E in counts),
                     "an integer >= 1 or a non-empty tuple of them (one per block of layers)")
         check_field("MoSLDConfig", "rank", self.rank, self.rank >= 1, "an integer >= 1")
+        check_field("MoSLDConfig", "alpha", self.alpha, self.alpha > 0, "> 0")
         check_field("MoSLDConfig", "top_k", self.top_k,
                     1 <= self.top_k <= max(counts) and (self.top_k > 1 or max(counts) == 1),
                     f"in 2..max(num_experts) ({max(counts)}): the kept gates are renormalised, and "
@@ -68,8 +70,7 @@ class MoSLDConfig:
 class MoSLDLinear(AdaptedLinear):
     def __init__(self, base: nn.Linear, cfg: MoSLDConfig):
         super().__init__(base, cfg.aux_loss_coef)
-        check_field("MoSLDConfig", "num_experts", cfg.num_experts, isinstance(cfg.num_experts, int),
-                    "one integer for a single layer (per-layer counts: build with cfg.for_layer)")
+        cfg = cfg.for_layer(0, 1)                         # a per-depth pattern: a lone layer is block 0
         I, O, E, r = base.in_features, base.out_features, cfg.num_experts, cfg.rank
         self.drop_a, self.drop_b = cfg.drop_a, cfg.drop_b
         self.scaling = cfg.alpha / r

@@ -146,6 +146,8 @@ except (TypeError, ValueError) as e:
 if args.device == "cuda" and not torch.cuda.is_available():
     fail("--device cuda: no CUDA device is available")
 out_dir = args.out or os.path.join("out", args.method)
+if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    fail(f"--out {out_dir}: exists and is not a folder")
 
 # ----------------------------------------------------------------------------- seed and device
 torch.manual_seed(args.seed)
@@ -220,7 +222,10 @@ if args.init_from == "scratch":
     key = json.dumps([dataclasses.asdict(gpt_cfg), args.pretrain_steps, args.seed], sort_keys=True)
     base_path = os.path.join("out", "base", hashlib.sha1(key.encode()).hexdigest()[:10] + ".pt")
     if os.path.exists(base_path):
-        model = load_pretrained(base_path)
+        try:
+            model = load_pretrained(base_path)
+        except ValueError as e:
+            fail(f"{e}; delete it to pretrain the base again")
     else:                                                  # pretrain on the general task only
         model = GPT(gpt_cfg).to(device)
         train(model, list(model.parameters()), [tasks.GENERAL], args.pretrain_steps, 3e-3,

@@ -114,9 +114,10 @@ def test_experts_per_layer(pattern, depth, expect):
     assert [cfg.for_layer(i, depth).num_experts for i in range(depth)] == expect
 
 
-def test_layer_needs_one_expert_count():
-    with pytest.raises(ValueError, match=r"MoSLDConfig\.num_experts.*for_layer"):
-        MoSLDLinear(nn.Linear(8, 8), MoSLDConfig())
+def test_a_lone_layer_from_a_pattern_is_its_first_block():
+    """Layer(base, cfg) builds from the default (8, 6, 4, 2) pattern: a model's layer 0 gets 8."""
+    layer = MoSLDLinear(nn.Linear(8, 8), MoSLDConfig())
+    assert layer.lora_B.shape[0] == 8 and layer.router.weight.shape == (8, 8)
 
 
 @pytest.mark.parametrize("bad", [dict(num_experts=0), dict(num_experts=()), dict(num_experts=(8, 0)),
