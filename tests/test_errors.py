@@ -50,6 +50,7 @@ def files(tmp):
     f["trunc_adapter"].write_bytes(f["adapter"].read_bytes()[:300])
     f["gpt2"].mkdir()
     save_file({"wte.weight": torch.zeros(32, 16)}, f["gpt2"] / "model.safetensors")  # no adapter meta
+    (tmp / "out_is_a_file").write_text("not a folder")                   # the case's --out
     for case, src in [("resume_trunc", "trunc_ckpt"), ("resume_foreign", "base")]:
         (tmp / case).mkdir()
         (tmp / case / "ckpt.pt").write_bytes(f[src].read_bytes())
@@ -68,6 +69,12 @@ CASES = {
     "dropout_one": (["--method", "lora", "--cfg", "dropout=1.0"], "LoRAConfig.dropout=1.0"),
     "dropout_negative": (["--method", "molora", "--cfg", "dropout=-0.1"], "MoLoRAConfig.dropout=-0.1"),
     "unknown_field": (["--method", "lora", "--cfg", "nosuch=1"], "nosuch"),
+    "rank_not_an_integer": (["--method", "molora", "--cfg", "rank=2.5"], "MoLoRAConfig.rank=2.5: must be an integer"),
+    "flag_not_a_bool": (["--method", "molora", "--cfg", "renormalize=maybe"],
+                        "MoLoRAConfig.renormalize='maybe': must be true or false"),
+    "targets_not_a_list": (["--method", "lora", "--cfg", "targets=down"], "LoRAConfig.targets='down': must be a list"),
+    "top1_renormalised": (["--method", "malora", "--cfg", "top_k=1"], "MALoRAConfig.renormalize=True"),
+    "out_is_a_file": (["--method", "lora"], "exists and is not a folder"),
     "cfg_syntax": (["--method", "lora", "--cfg", "rank"], "expected FIELD=VALUE"),
     "negative_steps": (["--method", "lora", "--steps", "-1"], "--steps -1: must be >= 0"),
     "zero_lr": (["--method", "lora", "--lr", "0"], "--lr 0.0: must be a positive number"),
@@ -136,7 +143,7 @@ def test_bad_input_fails_with_one_line(results, name):
     if name != "nonfinite_loss":                                 # no progress bar ran: one line in all
         assert proc.stderr.count("\n") == 1, proc.stderr
     out = tmp / name
-    left = sorted(os.listdir(out)) if out.exists() else []
+    left = sorted(os.listdir(out)) if out.is_dir() else []
     assert "metrics.json" not in left and "adapter.safetensors" not in left
     assert not [n for n in left if n.endswith(".tmp")], left
 
