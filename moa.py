@@ -63,6 +63,11 @@ class MoAConfig:
                     and all(is_real(f) and f > 0 for f in self.stage_steps), "2 shares > 0 (LoRAs, router)")
 
 
+def _as_sequences(x: torch.Tensor) -> torch.Tensor:
+    """(..., T, I) -> (B, T, I), B the product of the leading dims; (T, I) -> (1, T, I); (I,) -> (1, 1, I)."""
+    return x.reshape(-1, *x.shape[-2:]) if x.dim() >= 2 else x.view(1, 1, -1)
+
+
 class MoALinear(AdaptedLinear):
     """Inputs are (B, T, I): the sequence router needs the batch axis."""
 
@@ -102,18 +107,21 @@ class MoALinear(AdaptedLinear):
         return gates.reshape(B * T, E), idx
 
     def forward(self, x):
-        """x (B, T, I) -> (B, T, O): the gathered LoRA of each sequence, or the soft token mix."""
-        gates, idx = self._route(x)
+        """x (..., T, I) -> (..., T, O): the gathered LoRA of each sequence, or the soft token mix.
+        The last two dims are a sequence and its features; a 2-D x is one sequence, a 1-D x one token."""
+        x3 = _as_sequences(x)                                       # (B, T, I)
+        gates, idx = self._route(x3)
         if idx is None:
             return self._mix(x, gates, dispatch_fused)
-        return self.base(x) + dispatch_gathered(x, self.lora_A, self.lora_B, idx, self.scaling)
+        y = self.base(x3) + dispatch_gathered(x3, self.lora_A, self.lora_B, idx, self.scaling)
+        return y.view(*x.shape[:-1], -1)                            # (..., T, O)
 
     def forward_naive(self, x):
         """The reference: every LoRA on every token, weighted by its (one-hot or soft) gate."""
-        return self._mix(x, self._route(x)[0], dispatch_naive)
+        return self._mix(x, self._route(_as_sequences(x))[0], dispatch_naive)
 
     def _mix(self, x, gates, dispatch):
-        dy = dispatch(x.flatten(0, 1), self.lora_A, self.lora_B, gates, self.scaling)   # (N, O)
+        dy = dispatch(x.reshape(-1, x.shape[-1]), self.lora_A, self.lora_B, gates, self.scaling)   # (N, O)
         return self.base(x) + dy.view(*x.shape[:-1], -1).to(x.dtype)
 
     def router_loss(self) -> torch.Tensor:

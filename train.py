@@ -375,7 +375,8 @@ metrics = {
     "base_accuracy": base_acc,
     "trainable_params": count_trainable(model),
     "total_params": sum(q.numel() for q in model.parameters()),
-    "tokens_per_second": tokens_per_second, "steps": args.steps, "finetune_seconds": wall,
+    "tokens_per_second": tokens_per_second, "finetune_seconds": wall,
+    "steps": args.steps, "optimizer_steps": sum(s["steps"] for s in stage_log),   # --steps; all stages
     "stages": stage_log, "tasks": list(domains), **extra, "add_domain": added or None,
     "seed": args.seed, "device": args.device, "processes": world,
 }

@@ -164,3 +164,20 @@ def test_train_py_stages_router_accuracy_and_add_domain(tmp_path):
     assert m2["tasks"] == ["add1", "subst", "mul3", "addpos", "neg"]
     assert add["params_touched"] == sum(s["params_changed"] for s in m2["stages"])
     assert add["touched_share"] < 0.25
+
+
+@pytest.mark.parametrize("routing", ["sequence", "token"])
+def test_forward_takes_any_leading_shape(routing):
+    """forward(x) takes (..., I) (API.md): the last two dims are (T, I), the ones before are batch;
+    a 2-D x is one sequence, a 1-D x one token. Same numbers as the (B, T, I) call, and as the loop."""
+    torch.manual_seed(0)
+    layer = MoALinear(nn.Linear(12, 10), MoAConfig(num_domains=3, rank=2, routing=routing, prompt_len=2)).double()
+    nn.init.normal_(layer.lora_B)
+    for shape in [(12,), (5, 12), (2, 5, 12), (2, 3, 5, 12)]:
+        x = torch.randn(*shape, dtype=torch.float64)
+        y = layer(x)
+        assert y.shape == (*shape[:-1], 10)
+        torch.testing.assert_close(y, layer.forward_naive(x))
+        batch = x.reshape(-1, *x.shape[-2:]) if x.dim() >= 2 else x.view(1, 1, -1)   # (B, T, I)
+        torch.testing.assert_close(y.reshape(-1, *y.shape[-2:]) if y.dim() >= 2 else y.view(1, 1, -1),
+                                   layer(batch))

@@ -211,6 +211,7 @@ def test_train_py_runs_the_stages_and_adds_a_domain(tmp_path):
     formula = lambda part, c=cfg: sum(modula_num_params(I, O, c, part) for I, O in sizes)
     assert [s["params_changed"] for s in m["stages"]] == [
         formula("universal"), *[formula("domain")] * 4, formula("router")]
+    assert m["optimizer_steps"] == sum(s["steps"] for s in m["stages"]) > m["steps"]   # --steps: a budget
     assert set(m["oracle_routing_accuracy"]) == set(m["tasks"])      # each domain through its expert
     assert all(0 <= a <= 1 for a in m["oracle_routing_accuracy"].values())
 

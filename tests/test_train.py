@@ -25,7 +25,7 @@ def test_smoke_run_writes_valid_metrics(tmp_path, method):
     for key in ("method", "per_task_accuracy", "general_accuracy", "trainable_params",
                 "total_params", "tokens_per_second", "steps"):
         assert key in m
-    assert m["method"] == method and m["steps"] == 6
+    assert m["method"] == method and m["steps"] == m["optimizer_steps"] == 6
     assert 0 < m["trainable_params"] < m["total_params"] and m["tokens_per_second"] > 0
     assert all(0 <= a <= 1 for a in m["per_task_accuracy"].values())
     assert (tmp_path / "run" / "adapter.safetensors").exists()
