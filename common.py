@@ -118,8 +118,8 @@ def gate(logits: torch.Tensor, top_k: int, renormalize: bool = True):
     """Router logits (N, E), at least float32 -> probs (N, E), gates (N, E) that are zero outside
     the top-k, and idx (N, K), the kept experts. With K == E the routing is soft: gates == probs
     and idx is None. Fixed shapes, no boolean masks: safe for torch.compile(fullgraph=True).
-    The readable reference: Router runs top-k through _TopKGate, the same maths and selection
-    with a hand-written backward, and the tests check one against the other."""
+    The readable reference: Router runs top-k through _TopKGate, whose forward is this function
+    and whose backward is written out; the tests check it against autograd through this one."""
     probs = _softmax(logits)                                       # (N, E)
     if top_k == probs.shape[-1]:                                   # soft routing: every expert kept
         return probs, probs, None
@@ -144,11 +144,7 @@ class _TopKGate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, top_k: int, renormalize: bool):
-        probs = _softmax(logits)                                   # (N, E)
-        top, idx = _top_k(probs, top_k)                            # (N, K), (N, K)
-        if renormalize:
-            top = top / top.sum(-1, keepdim=True)                  # (N, K)
-        gates = torch.zeros_like(probs).scatter_(-1, idx, top)     # (N, E)
+        probs, gates, idx = gate(logits, top_k, renormalize)       # (N, E), (N, E), (N, K); no graph here
         ctx.save_for_backward(probs, gates)
         ctx.renormalize = renormalize
         ctx.set_materialize_grads(False)                           # None: that output is unused
