@@ -40,13 +40,6 @@ def lora_uniform_(A: torch.Tensor) -> torch.Tensor:
     return nn.init.uniform_(A, -bound, bound)
 
 
-def make_router(I: int, E: int) -> nn.Linear:
-    """Bias-free token router W_g (E, I), N(0, 0.02^2) as in the MoLoRA code (METHODS.md 1(b))."""
-    router = nn.Linear(I, E, bias=False)
-    nn.init.normal_(router.weight, std=0.02)
-    return router
-
-
 # The allowed value of `renormalize` when top_k is 1, for every config that has both fields.
 TOP1_RENORMALIZE = ("False when top_k is 1: one renormalised gate is always 1, so the router would "
                     "learn only from the balancing loss (Switch keeps the probability)")
@@ -66,9 +59,11 @@ def is_real(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-_KINDS = {int: (is_int, "an integer"), float: (is_real, "a finite number"),
-          bool: (lambda v: isinstance(v, bool), "true or false"), str: (lambda v: isinstance(v, str), "a string"),
-          tuple: (lambda v: isinstance(v, tuple), "a list"), type(None): (lambda v: v is None, "null")}
+_KINDS = {int: (is_int, "an integer"), float: (is_real, "a finite number"),   # annotation: (test, name)
+          bool: (lambda v: isinstance(v, bool), "true or false"),
+          str: (lambda v: isinstance(v, str), "a string"),
+          tuple: (lambda v: isinstance(v, tuple), "a list"),
+          type(None): (lambda v: v is None, "null")}
 
 
 def check_types(cfg):
@@ -144,7 +139,7 @@ class _TopKGate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, top_k: int, renormalize: bool):
-        probs, gates, idx = gate(logits, top_k, renormalize)       # (N, E), (N, E), (N, K); no graph here
+        probs, gates, idx = gate(logits, top_k, renormalize)       # (N, E), (N, E), (N, K); no graph
         ctx.save_for_backward(probs, gates)
         ctx.renormalize = renormalize
         ctx.set_materialize_grads(False)                           # None: that output is unused
@@ -193,10 +188,11 @@ def load_balance_loss(probs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 class Router(nn.Module):
-    """The token router of MoLoRA, MoSLD and MALoRA (METHODS.md 1(b)): a bias-free W_g (E, I),
-    N(0, 0.02^2) as in the MoLoRA code; softmax in float32 at least; the top K (renormalised);
-    K = E (top_k None) is soft routing. `router(x)` (N, I) -> gates (N, E). A dispatch that is
-    handed the Router instead of gates may compute W_g x inside its own matmul (dispatch_fused).
+    """The router of every method here (METHODS.md 1(b)): a bias-free W_g (E, I), N(0, 0.02^2) as
+    in the MoLoRA code; softmax in float32 at least; the top K (renormalised); K = E (top_k None)
+    is soft routing (MoDULA's; MoA reads its W_g x for the router CE). `router(x)` (N, I) -> gates
+    (N, E). A dispatch handed the Router instead of gates may compute W_g x inside its own matmul
+    (dispatch_fused).
 
     Each call keeps, for its layer: `idx` (N, K) (None when soft) and `balance_loss`, the Switch
     loss of the call (None when soft: the original MoLoRA has none).
@@ -321,8 +317,9 @@ def dispatch_grouped(x, A, B, gates, scaling, act: Callable | None = None, idx=N
     """Same maths as dispatch_fused, but each expert runs only on the tokens routed to it.
 
     idx (N, K): the experts kept per token, needed with tensor gates (a layer that routes before
-    the dispatch passes its Router's idx); a Router as the gates gives them itself. The N*K (token, slot) pairs are sorted by expert, so each factor is one grouped
-    GEMM and the matmul work is N K r (I + O) instead of N E r (I + O): the path for large E / K.
+    the dispatch passes its Router's idx); a Router as the gates gives them itself. The N*K
+    (token, slot) pairs are sorted by expert, so each factor is one grouped GEMM and the matmul
+    work is N K r (I + O) instead of N E r (I + O): the path for large E / K.
     The GEMM is torch._grouped_mm where this build has a fast one (CUDA, bf16, sm90+). Elsewhere
     every expert's block is padded to the largest block and one bmm does all of them: no loop,
     but the block size is read back to the host, so under torch.compile the fallback breaks the
@@ -523,7 +520,9 @@ def append_expert(layer: nn.Module):
     A, B, W = layer.lora_A.detach(), layer.lora_B.detach(), layer.router.weight.detach()
     layer.lora_A = nn.Parameter(torch.cat([A, lora_uniform_(A.new_empty(1, *A.shape[1:]))]))
     layer.lora_B = nn.Parameter(torch.cat([B, B.new_zeros(1, *B.shape[1:])]))
-    layer.router = nn.Linear(W.shape[1], W.shape[0] + 1, bias=False).to(W)
+    old = layer.router
+    layer.router = Router(W.shape[1], W.shape[0] + 1, old.top_k if old.top_k < W.shape[0] else None,
+                          old.renormalize).to(W)
     with torch.no_grad():
         layer.router.weight.copy_(torch.cat([W, W.mean(0, keepdim=True)]))    # (E'+1, I)
 

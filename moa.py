@@ -32,8 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (AdaptedLinear, Stage, check_field, check_types, dispatch_fused,
-                    dispatch_gathered, dispatch_naive, is_real, lora_uniform_, make_router, route,
+from common import (AdaptedLinear, Router, Stage, check_field, check_types, dispatch_fused,
+                    dispatch_gathered, dispatch_naive, gate, is_real, lora_uniform_, router_logits,
                     stage_mode)
 
 
@@ -59,17 +59,19 @@ class MoAConfig:
                     "'sequence' or 'token'")
         check_field(c, "router_loss_coef", self.router_loss_coef, self.router_loss_coef > 0,
                     "> 0 (with gold routing the CE is the routers' only signal)")
-        check_field(c, "stage_steps", self.stage_steps, len(self.stage_steps) == 2
-                    and all(is_real(f) and f > 0 for f in self.stage_steps), "2 shares > 0 (LoRAs, router)")
+        check_field(c, "stage_steps", self.stage_steps,
+                    len(self.stage_steps) == 2 and all(is_real(f) and f > 0 for f in self.stage_steps),
+                    "2 shares > 0 (LoRAs, router)")
 
 
 def _as_sequences(x: torch.Tensor) -> torch.Tensor:
-    """(..., T, I) -> (B, T, I), B the product of the leading dims; (T, I) -> (1, T, I); (I,) -> (1, 1, I)."""
+    """(..., T, I) -> (B, T, I), B the product of the leading dims; (T, I) -> (1, T, I);
+    (I,) -> (1, 1, I)."""
     return x.reshape(-1, *x.shape[-2:]) if x.dim() >= 2 else x.view(1, 1, -1)
 
 
 class MoALinear(AdaptedLinear):
-    """Inputs are (B, T, I): the sequence router needs the batch axis."""
+    """Inputs are (..., T, I): the sequence router pools each sequence's first prompt_len tokens."""
 
     def __init__(self, base: nn.Linear, cfg: MoAConfig):
         super().__init__(base)
@@ -78,7 +80,7 @@ class MoALinear(AdaptedLinear):
         self.scaling = cfg.alpha / r
         self.lora_A = nn.Parameter(torch.empty(E, r, I))
         self.lora_B = nn.Parameter(torch.empty(E, O, r))
-        self.router = make_router(I, E)                  # W_r
+        self.router = Router(I, E)                       # W_r
         self.active = None      # None: routed (stage 2, inference); j: LoRA j alone (stage 1)
         self.gold = None        # (B,) domain labels of the training batch, set by stage 2
         self.logits = None      # router logits of the last routed forward: (B, E) or (N, E)
@@ -87,7 +89,7 @@ class MoALinear(AdaptedLinear):
     def reset_parameters(self):
         lora_uniform_(self.lora_A)                       # as the single-LoRA baseline
         nn.init.zeros_(self.lora_B)                      # B = 0 -> update = 0 -> output == base(x)
-        nn.init.normal_(self.router.weight, std=0.02)
+        self.router.reset_parameters()
 
     def _route(self, x):
         """x (B, T, I) -> gates (N, E), and idx (B,), the LoRA of each sequence (None: soft)."""
@@ -96,11 +98,11 @@ class MoALinear(AdaptedLinear):
         if self.active is not None:                      # stage 1: LoRA j alone
             idx = torch.full((B,), self.active, device=x.device)
         elif self.routing == "token":                    # soft, per token
-            self.logits, probs, _, _ = route(x.reshape(-1, I), self.router, E)    # (N, E)
-            return probs, None
+            self.logits = router_logits(x.reshape(-1, I), self.router.weight)     # (N, E)
+            return gate(self.logits, E)[0], None                                 # softmax
         else:
             pooled = x[:, :self.prompt_len].mean(1)                  # (B, I)  mean over the prompt
-            self.logits = route(pooled, self.router, E)[0]           # (B, E)  W_r mean_t x[t]
+            self.logits = router_logits(pooled, self.router.weight)  # (B, E)  W_r mean_t x[t]
             teacher = self.training and self.gold is not None
             idx = self.gold if teacher else self.logits.argmax(-1)   # (B,) gold / argmax
         gates = F.one_hot(idx, E).to(x.dtype)[:, None].expand(B, T, E)   # (B, T, E)
@@ -108,7 +110,7 @@ class MoALinear(AdaptedLinear):
 
     def forward(self, x):
         """x (..., T, I) -> (..., T, O): the gathered LoRA of each sequence, or the soft token mix.
-        The last two dims are a sequence and its features; a 2-D x is one sequence, a 1-D x one token."""
+        The last two dims are a sequence and its features: a 2-D x is one sequence, 1-D one token."""
         x3 = _as_sequences(x)                                       # (B, T, I)
         gates, idx = self._route(x3)
         if idx is None:
@@ -121,7 +123,8 @@ class MoALinear(AdaptedLinear):
         return self._mix(x, self._route(_as_sequences(x))[0], dispatch_naive)
 
     def _mix(self, x, gates, dispatch):
-        dy = dispatch(x.reshape(-1, x.shape[-1]), self.lora_A, self.lora_B, gates, self.scaling)   # (N, O)
+        x2 = x.reshape(-1, x.shape[-1])                                           # (N, I)
+        dy = dispatch(x2, self.lora_A, self.lora_B, gates, self.scaling)          # (N, O)
         return self.base(x) + dy.view(*x.shape[:-1], -1).to(x.dtype)
 
     def router_loss(self) -> torch.Tensor:

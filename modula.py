@@ -43,8 +43,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (AdaptedLinear, Stage, check_field, check_types, is_real, lora_uniform_,
-                    make_router, route, stage_mode)
+from common import (AdaptedLinear, Router, Stage, check_field, check_types, is_real, lora_uniform_,
+                    stage_mode)
 
 UNIVERSAL = -1                    # MoDULALinear.active in stage 1: the universal expert alone
 
@@ -69,8 +69,9 @@ class MoDULAConfig:
             check_field(c, name, v, v >= 1, "an integer >= 1")
         check_field(c, "alpha", self.alpha, self.alpha > 0, "> 0")
         check_field(c, "negative_slope", self.negative_slope, self.negative_slope >= 0, ">= 0")
-        check_field(c, "stage_steps", self.stage_steps, len(self.stage_steps) == 3
-                    and all(is_real(f) and f > 0 for f in self.stage_steps), "3 shares > 0 (universal, domains, router)")
+        check_field(c, "stage_steps", self.stage_steps,
+                    len(self.stage_steps) == 3 and all(is_real(f) and f > 0 for f in self.stage_steps),
+                    "3 shares > 0 (universal, domains, router)")
 
 
 class MoDULALinear(AdaptedLinear):
@@ -86,7 +87,7 @@ class MoDULALinear(AdaptedLinear):
         self.universal_B = nn.Parameter(torch.empty(O, r_u))
         self.lora_A = nn.Parameter(torch.empty(E, r, O if cfg.variant == "res" else I))  # Res: reads h
         self.lora_B = nn.Parameter(torch.empty(E, O, r))
-        self.router = make_router(I, E + (cfg.variant == "flan"))      # Flan: row 0 weights *
+        self.router = Router(I, E + (cfg.variant == "flan"))          # soft; Flan: row 0 weights *
         self.active = None          # None: routed (stage 3, inference); UNIVERSAL: stage 1; i: stage 2
         self.reset_parameters()
 
@@ -95,7 +96,7 @@ class MoDULALinear(AdaptedLinear):
         nn.init.zeros_(self.universal_B)                  # B = 0 -> update = 0 -> output == base(x)
         lora_uniform_(self.lora_A)                        # fan_in = I (Flan) or O (Res)
         nn.init.zeros_(self.lora_B)
-        nn.init.normal_(self.router.weight, std=0.02)
+        self.router.reset_parameters()
 
     def universal(self, x):
         """c_* B_* A_* x: x (N, I) -> (N, O). The h of Res."""
@@ -106,7 +107,7 @@ class MoDULALinear(AdaptedLinear):
         if self.active == UNIVERSAL:                      # stage 1: W0 x + c_* B_* A_* x
             return self.universal(x)
         if self.active is None:                           # stage 3 and inference: routed
-            s = route(x, self.router, self.router.out_features)[2]        # (N, n+1) Flan, (N, n) Res
+            s = self.router(x)                                        # (N, n+1) Flan, (N, n) Res
             A, B = self.lora_A, self.lora_B
         else:                                             # stage 2: domain expert i alone, s_i = 1
             i = self.active
