@@ -48,14 +48,16 @@ from lora import LoRAConfig, LoRALinear
 
 # name: (module, layer class, config class, config from E, r, K). Imported lazily: a method
 # whose file is missing is skipped with a note. MALoRA is the one that replaces a MoLoRA of
-# rank r (S = r E / 2, r-bar = 1.5 r: METHODS.md 3(a)).
+# rank r (S = r E / 2, r-bar = 1.5 r: METHODS.md 3(a)). Top-1 keeps Switch's unnormalised gate
+# (the configs refuse a renormalised one; MoSLD, which always renormalises, is skipped at K = 1).
 METHODS = {
     "molora": ("molora", "MoLoRALinear", "MoLoRAConfig",
-               lambda C, E, r, K: C(num_experts=E, rank=r, top_k=K)),
+               lambda C, E, r, K: C(num_experts=E, rank=r, top_k=K, renormalize=K > 1)),
     "mosld": ("mosld", "MoSLDLinear", "MoSLDConfig",
               lambda C, E, r, K: C(num_experts=E, rank=r, top_k=K)),
     "malora": ("malora", "MALoRALinear", "MALoRAConfig",
-               lambda C, E, r, K: C.from_molora(rank=r, num_experts=E, lam=0.5, top_k=K)),
+               lambda C, E, r, K: C.from_molora(rank=r, num_experts=E, lam=0.5, top_k=K,
+                                                renormalize=K > 1)),
     # MoDULA routes softly over its E domain experts (its stage 3 and inference): K does not apply
     "modula-flan": ("modula", "MoDULALinear", "MoDULAConfig",
                     lambda C, E, r, K: C(variant="flan", num_domains=E, domain_rank=r, universal_rank=2 * r)),
