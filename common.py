@@ -18,11 +18,11 @@ loop, `dispatch_fused` the same maths as two matmuls with no loop over experts.
 Not included: expert parallelism, capacity factors and token dropping, quantised bases,
 several adapters per layer.
 """
+import dataclasses
 import hashlib
 import json
 import math
 import os
-import dataclasses
 from dataclasses import dataclass
 from typing import Callable, get_args
 
