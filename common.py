@@ -40,11 +40,6 @@ def lora_uniform_(A: torch.Tensor) -> torch.Tensor:
     return nn.init.uniform_(A, -bound, bound)
 
 
-# The allowed value of `renormalize` when top_k is 1, for every config that has both fields.
-TOP1_RENORMALIZE = ("False when top_k is 1: one renormalised gate is always 1, so the router would "
-                    "learn only from the balancing loss (Switch keeps the probability)")
-
-
 def check_field(cls: str, name: str, value, ok: bool, allowed: str):
     """One message format for every config error: names the field, its value and what is allowed."""
     if not ok:
@@ -78,6 +73,15 @@ def check_types(cfg):
         check_field(type(cfg).__name__, "targets", cfg.targets,
                     len(cfg.targets) > 0 and all(isinstance(t, str) and t for t in cfg.targets),
                     'a non-empty list of linear names, e.g. ["q", "v"]')
+
+
+def check_renormalize(cfg):
+    """A config with top_k and renormalize: top-1 must keep Switch's probability, since one
+    renormalised gate is always 1 and the router would learn only from the balancing loss."""
+    check_field(type(cfg).__name__, "renormalize", cfg.renormalize,
+                not (cfg.renormalize and cfg.top_k == 1 < cfg.num_experts),
+                "False when top_k is 1: one renormalised gate is always 1, so the router would "
+                "learn only from the balancing loss (Switch keeps the probability)")
 
 
 # ----------------------------------------------------------------------------- routing

@@ -29,8 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from common import (TOP1_RENORMALIZE, AdaptedLinear, Router, check_field, check_types,
-                    lora_uniform_)
+from common import AdaptedLinear, Router, check_field, check_renormalize, check_types, lora_uniform_
 
 
 @dataclass
@@ -55,8 +54,7 @@ class MALoRAConfig:
                     f">= rank ({self.rank}), so that each expert can reach rank r-bar (§3.2)")
         check_field("MALoRAConfig", "top_k", self.top_k, 1 <= self.top_k <= self.num_experts,
                     f"in 1..num_experts ({self.num_experts})")
-        check_field("MALoRAConfig", "renormalize", self.renormalize,
-                    not (self.renormalize and self.top_k == 1 < self.num_experts), TOP1_RENORMALIZE)
+        check_renormalize(self)
         check_field("MALoRAConfig", "beta", self.beta, self.beta > 0, "> 0")
         check_field("MALoRAConfig", "aux_loss_coef", self.aux_loss_coef, self.aux_loss_coef >= 0, ">= 0")
         check_field("MALoRAConfig", "dropout", self.dropout, 0 <= self.dropout < 1, "in [0, 1)")

@@ -33,8 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (AdaptedLinear, Router, Stage, check_field, check_types, dispatch_fused,
-                    dispatch_gathered, dispatch_naive, gate, is_real, lora_uniform_, router_logits,
-                    stage_mode)
+                    dispatch_gathered, dispatch_naive, is_real, lora_uniform_, route, stage_mode)
 
 
 @dataclass
@@ -98,11 +97,11 @@ class MoALinear(AdaptedLinear):
         if self.active is not None:                      # stage 1: LoRA j alone
             idx = torch.full((B,), self.active, device=x.device)
         elif self.routing == "token":                    # soft, per token
-            self.logits = router_logits(x.reshape(-1, I), self.router.weight)     # (N, E)
-            return gate(self.logits, E)[0], None                                 # softmax
+            self.logits, probs, _, _ = route(x.reshape(-1, I), self.router, E)    # (N, E)
+            return probs, None
         else:
             pooled = x[:, :self.prompt_len].mean(1)                  # (B, I)  mean over the prompt
-            self.logits = router_logits(pooled, self.router.weight)  # (B, E)  W_r mean_t x[t]
+            self.logits = route(pooled, self.router, E)[0]           # (B, E)  W_r mean_t x[t]
             teacher = self.training and self.gold is not None
             idx = self.gold if teacher else self.logits.argmax(-1)   # (B,) gold / argmax
         gates = F.one_hot(idx, E).to(x.dtype)[:, None].expand(B, T, E)   # (B, T, E)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from common import TOP1_RENORMALIZE, AdaptedLinear, Router, check_field, check_types
+from common import AdaptedLinear, Router, check_field, check_renormalize, check_types
 
 
 @dataclass
@@ -44,8 +44,7 @@ class MoLoRAConfig:
         check_field("MoLoRAConfig", "top_k", self.top_k,
                     self.top_k is None or 1 <= self.top_k <= self.num_experts,
                     f"None (soft) or in 1..num_experts ({self.num_experts})")
-        check_field("MoLoRAConfig", "renormalize", self.renormalize,
-                    not (self.renormalize and self.top_k == 1 < self.num_experts), TOP1_RENORMALIZE)
+        check_renormalize(self)
         check_field("MoLoRAConfig", "aux_loss_coef", self.aux_loss_coef, self.aux_loss_coef >= 0, ">= 0")
         check_field("MoLoRAConfig", "dropout", self.dropout, 0 <= self.dropout < 1, "in [0, 1)")
 
