@@ -9,8 +9,7 @@ For each (E, D) it times, side by side, round-robin, the median of --repeats aft
   frozen base       the frozen nn.Linear alone
   single LoRA E*r   lora.LoRALinear of rank E*r: dense routing's GEMM work with no router, the floor
   router            common.Router + balancing loss alone (part of every method row below)
-and for each method (MoLoRA, MoSLD, MALoRA, MoDULA-Flan and -Res, soft over its domain experts;
-a method whose file is missing is skipped with a note):
+and for each method (MoLoRA, MoSLD, MALoRA, MoDULA-Flan and -Res, soft over its domain experts):
   fused             common.dispatch_fused: the path layer(x) takes below the E / K crossover
   naive dense       layer.forward_naive(x): the loop over experts, every expert on every token
   naive sparse      each expert on its routed tokens only, index_add back (MixLoRA-style, below)
@@ -24,11 +23,10 @@ x requires grad, as inside a model, so every row also computes dL/dx.
 
 Not included: MoA (routed per sequence, (B, T, I) inputs: one gathered LoRA per sequence, a
 single LoRA's work whatever E); the allocator's peak memory (saved MiB above is the part the
-method decides); a fused Triton kernel (issue 6 item 4).
+method decides); a fused Triton kernel.
 """
 import argparse
 import copy
-import importlib
 import json
 import math
 import os
@@ -41,39 +39,41 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import (Router, aux_loss, dispatch_compiled, dispatch_fused, dispatch_grouped,
-                    dispatch_naive, inject, resolve_gates)
+from common import Router, aux_loss, dispatch_compiled, dispatch_fused, dispatch_naive, inject
+from fast import dispatch_grouped
 from gpt import GPT, GPTConfig
 from lora import LoRAConfig, LoRALinear
+from malora import MALoRAConfig, MALoRALinear
+from modula import MoDULAConfig, MoDULALinear
+from molora import MoLoRAConfig, MoLoRALinear
+from mosld import MoSLDConfig, MoSLDLinear
 
-# name: (module, layer class, config class, config from E, r, K). Imported lazily: a method
-# whose file is missing is skipped with a note. MALoRA is the one that replaces a MoLoRA of
-# rank r (S = r E / 2, r-bar = 1.5 r: METHODS.md 3(a)). Top-1 keeps Switch's unnormalised gate
-# (the configs refuse a renormalised one; MoSLD, which always renormalises, is skipped at K = 1).
+# name: (layer class, config class, config from E, r, K). MALoRA is the one that replaces a
+# MoLoRA of rank r (S = r E / 2, r-bar = 1.5 r: MALoRA §3.2). Top-1 keeps Switch's unnormalised
+# gate (the configs refuse a renormalised one; MoSLD, which always renormalises, is skipped at K = 1).
 METHODS = {
-    "molora": ("molora", "MoLoRALinear", "MoLoRAConfig",
+    "molora": (MoLoRALinear, MoLoRAConfig,
                lambda C, E, r, K: C(num_experts=E, rank=r, top_k=K, renormalize=K > 1)),
-    "mosld": ("mosld", "MoSLDLinear", "MoSLDConfig",
-              lambda C, E, r, K: C(num_experts=E, rank=r, top_k=K)),
-    "malora": ("malora", "MALoRALinear", "MALoRAConfig",
+    "mosld": (MoSLDLinear, MoSLDConfig, lambda C, E, r, K: C(num_experts=E, rank=r, top_k=K)),
+    "malora": (MALoRALinear, MALoRAConfig,
                lambda C, E, r, K: C.from_molora(rank=r, num_experts=E, lam=0.5, top_k=K,
                                                 renormalize=K > 1)),
     # MoDULA routes softly over its E domain experts (its stage 3 and inference): K does not apply
-    "modula-flan": ("modula", "MoDULALinear", "MoDULAConfig",
+    "modula-flan": (MoDULALinear, MoDULAConfig,
                     lambda C, E, r, K: C(variant="flan", num_domains=E, domain_rank=r, universal_rank=2 * r)),
-    "modula-res": ("modula", "MoDULALinear", "MoDULAConfig",
+    "modula-res": (MoDULALinear, MoDULAConfig,
                    lambda C, E, r, K: C(variant="res", num_domains=E, domain_rank=r, universal_rank=2 * r)),
 }
 SOFT = {"modula-flan", "modula-res"}           # every expert on every token: no grouped path
 FULL_EXPERTS, FULL_DIMS = [4, 8, 16, 32, 64], [256, 1024, 4096]
 GOAL_SETTING = ("cpu", "float32", 4096, 256, 8, 8, 2)   # device, dtype, N, D, E, r, K of the CPU goals
 GOALS = [                                      # (method, ratio, sign, bound, source)
-    ("molora", "fused/single_lora", "<=", 1.10, "issue 6; issue 3: 1.15"),
-    ("molora", "naive_dense/fused", ">=", 6.0, "issue 6; issue 3: 5"),
-    ("molora", "naive_sparse/fused", ">=", 3.0, "issue 6"),
-    ("mosld", "fused/molora_fused", "<=", 0.85, "issue 4"),
-    ("malora", "fused/molora_fused", "<=", 1.0, "issue 4"),
-    ("malora", "naive_dense/molora_naive_dense", "<=", 0.84, "issue 4"),
+    ("molora", "fused/single_lora", "<=", 1.10, "the floor: dense routing's GEMM work"),
+    ("molora", "naive_dense/fused", ">=", 6.0, "the loop over experts"),
+    ("molora", "naive_sparse/fused", ">=", 3.0, "a MixLoRA-style sparse loop"),
+    ("mosld", "fused/molora_fused", "<=", 0.85, "shared A: x A^T once per token"),
+    ("malora", "fused/molora_fused", "<=", 1.0, "MALoRA Table 10"),
+    ("malora", "naive_dense/molora_naive_dense", "<=", 0.84, "MALoRA Table 10: 84 %"),
 ]
 
 # ----------------------------------------------------------------------------- arguments
@@ -158,27 +158,15 @@ def say(text: str):
     print(text, file=sys.stderr if args.json else sys.stdout, flush=True)
 
 
-def load_method(name: str):
-    """(layer class, config class, config maker), or None with a note when the file is absent."""
-    module, layer_name, cfg_name, make = METHODS[name]
-    try:
-        mod = importlib.import_module(module)
-        return getattr(mod, layer_name), getattr(mod, cfg_name), make
-    except (ImportError, AttributeError) as e:
-        notes.append(f"{name}: skipped ({e})")
-        return None
-
-
-methods = {name: m for name in args.methods.split(",") if (m := load_method(name)) is not None}
+methods = {name: METHODS[name] for name in args.methods.split(",")}
 
 # ----------------------------------------------------------------------------- the naive sparse loop
 
 
-def dispatch_sparse_loop(x, A, B, gates, scaling, act=None, idx=None):
+def dispatch_sparse_loop(x, A, B, gates, scaling, act=None, idx=None, xa=None):
     """MixLoRA-style baseline, not a library path: each expert runs on the tokens whose gate for
     it is nonzero (a data-dependent nonzero per expert) and its output is added back with
     index_add. Same signature as common.dispatch_fused, so layer._run can use it."""
-    gates = resolve_gates(gates, x)[0]                             # (N, E)
     y = x.new_zeros(x.shape[0], B.shape[1])                        # (N, O)
     for e in range(B.shape[0]):
         tok = gates[:, e].nonzero().squeeze(1)                     # (n_e,) tokens routed to e
@@ -280,7 +268,7 @@ def gflop(step) -> float:
 
 def ratios(rows: list, E: int) -> dict:
     """Adapter-cost ratios: each method's paths against its fused path and the single LoRA, and
-    each method against MoLoRA (issue 4)."""
+    each method against MoLoRA."""
     cost = {(row["method"], row["variant"]): row["adapter_ms"] for row in rows}
     lora = cost[("base", f"single LoRA r={E * r}")]
     out = {}

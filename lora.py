@@ -1,7 +1,7 @@
 """LoRA: the single-adapter baseline every mixture is compared against.
 
 LoRA: Low-Rank Adaptation of Large Language Models (Hu et al., ICLR 2022),
-https://arxiv.org/abs/2106.09685 ; METHODS.md 0.1 (plain LoRA).
+https://arxiv.org/abs/2106.09685
 
     y = W0 x + (alpha / r) * B A x,    A (r, I) random,  B (O, r) zero          (Eq. 3)
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from common import AdaptedLinear, check_field, check_types, lora_uniform_
+from common import AdaptedLinear, check_config, lora_uniform_
 
 
 @dataclass
@@ -24,10 +24,7 @@ class LoRAConfig:
     targets: tuple = ("q", "k", "v", "o", "up", "down")   # same modules as MoLoRA by default
 
     def __post_init__(self):
-        check_types(self)
-        check_field("LoRAConfig", "rank", self.rank, self.rank >= 1, "an integer >= 1")
-        check_field("LoRAConfig", "alpha", self.alpha, self.alpha > 0, "> 0")
-        check_field("LoRAConfig", "dropout", self.dropout, 0 <= self.dropout < 1, "in [0, 1)")
+        check_config(self)                    # types; rank >= 1, alpha > 0, dropout in [0, 1)
 
 
 class LoRALinear(AdaptedLinear):

@@ -1,7 +1,7 @@
 """MALoRA: a mixture of asymmetric LoRA experts over one shared input subspace.
 
 MALoRA: Mixture of Asymmetric Low-Rank Adaptation for Enhanced Multi-Task Learning
-(Wang et al., Findings NAACL 2025; arXiv v1), https://arxiv.org/abs/2410.22782 ; METHODS.md §3.
+(Wang et al., Findings NAACL 2025; arXiv v1), https://arxiv.org/abs/2410.22782
 
 Extra legend letter: S, the shared rank (the paper's d).  r here is r-bar, the expanded rank.
 
@@ -21,15 +21,15 @@ shared and the private factors (Appendix A.3).
 
 Not included: merging (the routed update depends on x); FastMoE grouped dispatch.
 Deviations: the paper draws N+1 matrices K_0..K_N; we draw E and take S_A from expert 0's V
-(METHODS.md 3(h).1). Renormalised top-k and the Switch loss at 0.01 are our reading (3(b)).
-Dropout 0.05 on x before S_A (3(h).4). MALoRA-Small keeps alpha/r = 2 (alpha is not given).
+(docs/interpretations.md). Renormalised top-k and the Switch loss at 0.01 are our reading
+(the paper states neither). Dropout 0.05 on x before S_A, as PEFT's LoRA dropout. MALoRA-Small keeps alpha/r = 2 (alpha is not given).
 """
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from common import AdaptedLinear, Router, check_field, check_renormalize, check_types, lora_uniform_
+from common import AdaptedLinear, Router, check_config, check_field, check_renormalize, lora_uniform_
 
 
 @dataclass
@@ -42,22 +42,16 @@ class MALoRAConfig:
     beta: float = 1.0             # init weight balance scale (Table 8; 1.25 intra-domain)
     aux_loss_coef: float = 0.01   # Tables 8-9 (0.001 in the text of §4.1)
     dropout: float = 0.05         # on x, before S_A (Tables 8-9)
-    renormalize: bool = True      # not stated in the paper; Mixtral/MixLoRA practice (3(b))
+    renormalize: bool = True      # not stated in the paper; Mixtral/MixLoRA practice
     targets: tuple = ("q", "k", "v", "up", "down")   # all but o; the tiny GPT has no gate
 
     def __post_init__(self):
-        check_types(self)
-        check_field("MALoRAConfig", "num_experts", self.num_experts, self.num_experts >= 1, "an integer >= 1")
-        check_field("MALoRAConfig", "rank", self.rank, self.rank >= 1, "an integer >= 1")
-        check_field("MALoRAConfig", "alpha", self.alpha, self.alpha > 0, "> 0")
+        check_config(self)    # types; E, r, S >= 1, alpha, beta > 0, aux >= 0, dropout in [0, 1)
         check_field("MALoRAConfig", "shared_rank", self.shared_rank, self.shared_rank >= self.rank,
                     f">= rank ({self.rank}), so that each expert can reach rank r-bar (§3.2)")
         check_field("MALoRAConfig", "top_k", self.top_k, 1 <= self.top_k <= self.num_experts,
                     f"in 1..num_experts ({self.num_experts})")
         check_renormalize(self)
-        check_field("MALoRAConfig", "beta", self.beta, self.beta > 0, "> 0")
-        check_field("MALoRAConfig", "aux_loss_coef", self.aux_loss_coef, self.aux_loss_coef >= 0, ">= 0")
-        check_field("MALoRAConfig", "dropout", self.dropout, 0 <= self.dropout < 1, "in [0, 1)")
 
     @classmethod
     def from_molora(cls, rank: int = 8, num_experts: int = 8, lam: float = 0.5, **kw):
@@ -110,6 +104,6 @@ class MALoRALinear(AdaptedLinear):
 
 
 def malora_num_params(I: int, O: int, cfg: MALoRAConfig) -> int:
-    """S I + E r S + E r O + E I per adapted linear: S_A, P_t, B_t, router (METHODS.md 3(d))."""
+    """S I + E r S + E r O + E I per adapted linear: S_A, P_t, B_t, router (§4.1, Table 3)."""
     E, r, S = cfg.num_experts, cfg.rank, cfg.shared_rank
     return S * I + E * r * S + E * r * O + E * I

@@ -1,8 +1,8 @@
 """MoA-style (domain-routed): one LoRA per domain, and routers supervised by the domain label.
 
-Based on MoA: Mixture-of-LoRAs (Feng et al., LREC-COLING 2024), https://arxiv.org/abs/2403.03432 ;
-METHODS.md §5. Only the paper's abstract was available, so this is METHODS.md's interpretation
-5(a)-(d), not a reproduction: "MoA-style (domain-routed)".
+Based on MoA: Mixture-of-LoRAs (Feng et al., LREC-COLING 2024), https://arxiv.org/abs/2403.03432 .
+Only the paper's abstract was available, so this is our interpretation (docs/interpretations.md),
+not a reproduction: "MoA-style (domain-routed)".
 
     stage 1, per domain j:  y = W0 x + (alpha / r) B_j A_j x, trained on D_j alone
     stage 2, sequence b:    p_b = softmax(W_r mean_{t < P} x_b[t]),  W_r (E, I)
@@ -12,16 +12,16 @@ METHODS.md §5. Only the paper's abstract was available, so this is METHODS.md's
                             y_t = W0 x_t + (alpha / r) B_{k_b} A_{k_b} x_t, every token t of b
 
 Legend: E = n, one LoRA per domain; P prompt positions pooled (tasks.py: task token, digits, SEP).
-A batch that mixes domains runs without a loop over sequences: common.dispatch_gathered gathers
-each sequence's A and B and uses batched matmuls, one LoRA's work per token (dispatch_fused with
+A batch that mixes domains runs without a loop over sequences: dispatch_gathered gathers each
+sequence's A and B and uses batched matmuls, one LoRA's work per token (dispatch_fused with
 one-hot gates would do E times that); forward_naive is the loop over experts with one-hot gates.
-Option routing="token" (METHODS.md 5(a)-(d)): a soft softmax router per token, trained with the
+Option routing="token" (docs/interpretations.md): a soft softmax router per token, trained with the
 LM loss plus each token's CE against its sequence's domain, and used as weights at inference.
 For a fixed domain, `merge` folds B_j A_j into W0 (serving one domain, as MOELoRA merges a task).
 
 Not included: stage 2 fine-tuning of the LoRAs (the paper does not settle it); LoRA dropout.
-Deviations (all unverified design choices, METHODS.md 5): one router per adapted linear reading
-that layer's own input (5(a): "per layer"); the layers' CEs are averaged, not summed, so lambda
+Deviations (all unverified design choices): one router per adapted linear reading
+that layer's own input; the layers' CEs are averaged, not summed, so lambda
 does not scale with depth. With gold routing and frozen LoRAs the LM loss has no gradient in
 stage 2: only the CE trains the routers there.
 """
@@ -32,8 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (AdaptedLinear, Router, Stage, check_field, check_types, dispatch_fused,
-                    dispatch_gathered, dispatch_naive, is_real, lora_uniform_, route, stage_mode)
+from common import (AdaptedLinear, Router, Stage, check_config, check_field, dispatch_naive, is_real,
+                    lora_uniform_, route, stage_mode)
 
 
 @dataclass
@@ -48,12 +48,8 @@ class MoAConfig:
     targets: tuple = ("q", "k", "v", "o", "up", "down")
 
     def __post_init__(self):
-        check_types(self)
+        check_config(self)            # types; E, r, P >= 1, alpha > 0
         c = "MoAConfig"
-        for name in ("num_domains", "rank", "prompt_len"):
-            v = getattr(self, name)
-            check_field(c, name, v, v >= 1, "an integer >= 1")
-        check_field(c, "alpha", self.alpha, self.alpha > 0, "> 0")
         check_field(c, "routing", self.routing, self.routing in ("sequence", "token"),
                     "'sequence' or 'token'")
         check_field(c, "router_loss_coef", self.router_loss_coef, self.router_loss_coef > 0,
@@ -63,14 +59,19 @@ class MoAConfig:
                     "2 shares > 0 (LoRAs, router)")
 
 
-def _as_sequences(x: torch.Tensor) -> torch.Tensor:
-    """(..., T, I) -> (B, T, I), B the product of the leading dims; (T, I) -> (1, T, I);
-    (I,) -> (1, 1, I)."""
-    return x.reshape(-1, *x.shape[-2:]) if x.dim() >= 2 else x.view(1, 1, -1)
+def dispatch_gathered(x, A, B, idx, scaling):
+    """One LoRA per sequence: y_b = scaling * B_k A_k x_b, k = idx[b]. x (B, T, I); A (E, r, I);
+    B (E, O, r); idx (B,). Gathers each sequence's A and B and applies them with batched matmuls:
+    one LoRA's work per token whatever E is (dispatch_fused with one-hot gates does E times that),
+    plus a copy of r (I + O) weights per sequence. No loop; torch.compile-friendly."""
+    h = torch.einsum("bti,bri->btr", x, A[idx])                    # (B, T, r)
+    return scaling * torch.einsum("btr,bor->bto", h, B[idx])       # (B, T, O)
 
 
 class MoALinear(AdaptedLinear):
-    """Inputs are (..., T, I): the sequence router pools each sequence's first prompt_len tokens."""
+    """Inputs are (..., T, I): the sequence router pools each sequence's first prompt_len tokens,
+    so `update` gets (B, T, I) (sequence_input)."""
+    sequence_input = True
 
     def __init__(self, base: nn.Linear, cfg: MoAConfig):
         super().__init__(base)
@@ -107,27 +108,17 @@ class MoALinear(AdaptedLinear):
         gates = F.one_hot(idx, E).to(x.dtype)[:, None].expand(B, T, E)   # (B, T, E)
         return gates.reshape(B * T, E), idx
 
-    def forward(self, x):
-        """x (..., T, I) -> (..., T, O): the gathered LoRA of each sequence, or the soft token mix.
-        The last two dims are a sequence and its features: a 2-D x is one sequence, 1-D one token."""
-        x3 = _as_sequences(x)                                       # (B, T, I)
-        gates, idx = self._route(x3)
-        if idx is None:
-            return self._mix(x, gates, dispatch_fused)
-        y = self.base(x3) + dispatch_gathered(x3, self.lora_A, self.lora_B, idx, self.scaling)
-        return y.view(*x.shape[:-1], -1)                            # (..., T, O)
-
-    def forward_naive(self, x):
-        """The reference: every LoRA on every token, weighted by its (one-hot or soft) gate."""
-        return self._mix(x, self._route(_as_sequences(x))[0], dispatch_naive)
-
-    def _mix(self, x, gates, dispatch):
-        x2 = x.reshape(-1, x.shape[-1])                                           # (N, I)
-        dy = dispatch(x2, self.lora_A, self.lora_B, gates, self.scaling)          # (N, O)
-        return self.base(x) + dy.view(*x.shape[:-1], -1).to(x.dtype)
+    def update(self, x, dispatch):
+        """x (B, T, I) -> (B, T, O): each sequence's LoRA, or the soft per-token mix. The fast path
+        gathers one LoRA per sequence (dispatch_gathered); the reference loop (dispatch_naive)
+        runs every LoRA on every token with the one-hot gates, as for any other method."""
+        gates, idx = self._route(x)                                 # (N, E), (B,) or None
+        if idx is not None and dispatch is not dispatch_naive:
+            return dispatch_gathered(x, self.lora_A, self.lora_B, idx, self.scaling)   # (B, T, O)
+        return dispatch(x.flatten(0, 1), self.lora_A, self.lora_B, gates, self.scaling)   # (N, O)
 
     def router_loss(self) -> torch.Tensor:
-        """CE of the last routed forward against the gold domains (METHODS.md 5(a)); token
+        """CE of the last routed forward against the gold domains; token
         routing: every token against its sequence's domain."""
         gold = self.gold.repeat_interleave(self.logits.shape[0] // self.gold.shape[0])   # (B,) or (N,)
         return F.cross_entropy(self.logits, gold)
@@ -150,7 +141,7 @@ def merge(model: nn.Module, j: int) -> nn.Module:
 
 
 def moa_num_params(I: int, O: int, cfg: MoAConfig, part: str = "total") -> int:
-    """Trainable parameters per adapted linear, METHODS.md 5(a)-(d). part: "lora" (stage 1, one
+    """Trainable parameters per adapted linear. part: "lora" (stage 1, one
     domain), "router" (stage 2) or "total"."""
     E = cfg.num_domains
     counts = {"lora": cfg.rank * (I + O), "router": E * I}
@@ -175,7 +166,7 @@ def moa_metrics(model, layers, x, domain_ids) -> dict:
 
 
 def moa_stages(cfg: MoAConfig, domains: tuple, general: str, new: str | None = None) -> list:
-    """The two stages of METHODS.md 5(a) for train.py; `domains` are task names, LoRA j <-> domain
+    """The two stages for train.py; `domains` are task names, LoRA j <-> domain
     j. `general` is unused: MoA has no universal expert. With `new` (a domain just appended by
     common.append_expert): stage 1 for it alone, then stage 2 again, on every domain.
 

@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (AdaptedLinear, Router, Stage, check_field, check_types, is_real, lora_uniform_,
+from common import (AdaptedLinear, Router, Stage, check_config, check_field, is_real, lora_uniform_,
                     stage_mode)
 
 UNIVERSAL = -1                    # MoDULALinear.active in stage 1: the universal expert alone
@@ -61,14 +61,9 @@ class MoDULAConfig:
     targets: tuple = ("q", "k", "v", "o", "up", "down")   # not reported; same as MoLoRA here
 
     def __post_init__(self):
-        check_types(self)
+        check_config(self)            # types; n, ranks >= 1, alpha > 0, negative_slope >= 0
         c = "MoDULAConfig"
         check_field(c, "variant", self.variant, self.variant in ("flan", "res"), "'flan' or 'res'")
-        for name in ("num_domains", "universal_rank", "domain_rank"):
-            v = getattr(self, name)
-            check_field(c, name, v, v >= 1, "an integer >= 1")
-        check_field(c, "alpha", self.alpha, self.alpha > 0, "> 0")
-        check_field(c, "negative_slope", self.negative_slope, self.negative_slope >= 0, ">= 0")
         check_field(c, "stage_steps", self.stage_steps,
                     len(self.stage_steps) == 3 and all(is_real(f) and f > 0 for f in self.stage_steps),
                     "3 shares > 0 (universal, domains, router)")

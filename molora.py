@@ -1,28 +1,28 @@
 """MoLoRA: a mixture of LoRA experts, routed per token.
 
 Pushing Mixture of Experts to the Limit: Extremely Parameter Efficient MoE for Instruction
-Tuning (Zadouri et al., ICLR 2024), https://arxiv.org/abs/2309.05444 ; METHODS.md §1.
+Tuning (Zadouri et al., ICLR 2024), https://arxiv.org/abs/2309.05444 ; code: github.com/for-ai/parameter-efficient-moe
 
-    g(x) = softmax(W_g x)                         soft routing, the original   (METHODS.md 1(a))
-    g(x) = renorm(TopK_K(softmax(W_g x)))         top-k, as MALoRA/MoSLD use   (METHODS.md 1(h))
+    g(x) = softmax(W_g x)                         soft routing, the original (the code's MoLoRa)
+    g(x) = renorm(TopK_K(softmax(W_g x)))         top-k, as MALoRA Eq. 3-5 restates it
     y    = W0 x + (alpha / r) * sum_e g_e(x) * B_e A_e x
 
-Init and routing follow the official code (METHODS.md 1(e)): A ~ N(0, 0.02^2), B = 0, router
+Init and routing follow the official code (src/molora.py, configs/molora.gin): A ~ N(0, 0.02^2), B = 0, router
 ~ N(0, 0.02^2), no bias, float32 router logits, no aux loss with soft routing. top_k=K turns on
 the top-k variant with the Switch balancing loss (coefficient 0.01, MALoRA Tables 8-9); top-1
 needs renormalize=False (one renormalised gate is always 1 and would not train the router).
 Not included: MoV ((IA)^3 experts), router jitter noise, routing on sentence embeddings.
 Deviations: alpha is a config field (the official code fixes it at 16). E = 8, r = 8 are the
-MALoRA baseline's sizes (1(h)), not the official config's E = 10, r = 4. No dropout by default,
+MALoRA baseline's sizes (MALoRA §4.1), not the official config's E = 10, r = 4. No dropout by default,
 as in the official code; the MALoRA paper lists LoRA dropout 0.05 for its whole setup, baseline
-included (3(e)), so `--cfg dropout=0.05` matches that comparison.
+included (MALoRA Tables 8-9), so `--cfg dropout=0.05` matches that comparison.
 """
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from common import AdaptedLinear, Router, check_field, check_renormalize, check_types
+from common import AdaptedLinear, Router, check_config, check_field, check_renormalize
 
 
 @dataclass
@@ -37,16 +37,11 @@ class MoLoRAConfig:
     targets: tuple = ("q", "k", "v", "o", "up", "down")   # attention and FFN, as the official code
 
     def __post_init__(self):
-        check_types(self)
-        check_field("MoLoRAConfig", "num_experts", self.num_experts, self.num_experts >= 1, "an integer >= 1")
-        check_field("MoLoRAConfig", "rank", self.rank, self.rank >= 1, "an integer >= 1")
-        check_field("MoLoRAConfig", "alpha", self.alpha, self.alpha > 0, "> 0")
+        check_config(self)            # types; E, r >= 1, alpha > 0, aux_loss_coef >= 0, dropout in [0, 1)
         check_field("MoLoRAConfig", "top_k", self.top_k,
                     self.top_k is None or 1 <= self.top_k <= self.num_experts,
                     f"None (soft) or in 1..num_experts ({self.num_experts})")
         check_renormalize(self)
-        check_field("MoLoRAConfig", "aux_loss_coef", self.aux_loss_coef, self.aux_loss_coef >= 0, ">= 0")
-        check_field("MoLoRAConfig", "dropout", self.dropout, 0 <= self.dropout < 1, "in [0, 1)")
 
 
 class MoLoRALinear(AdaptedLinear):
@@ -66,13 +61,11 @@ class MoLoRALinear(AdaptedLinear):
         self.router.reset_parameters()
 
     def update(self, x, dispatch):
-        """x (N, I) -> scaling * sum_e g_e B_e A_e x, (N, O). The dispatch routes x with the router;
-        with dropout, the router reads x and the experts read dropout(x)."""
-        if not self.dropout.p:                                    # the dispatch routes x itself
-            return dispatch(x, self.lora_A, self.lora_B, self.router, self.scaling)   # (N, O)
-        gates = self.router(x)                                    # (N, E), from the clean x
+        """x (N, I) -> scaling * sum_e g_e B_e A_e x, (N, O). The router reads x, the experts
+        dropout(x); without dropout both read x, so W_g x rides in the x A^T matmul (fold)."""
+        gates = self.router(x, fold=None if self.dropout.p else self.lora_A)   # (N, E)
         return dispatch(self.dropout(x), self.lora_A, self.lora_B, gates, self.scaling,
-                        idx=self.router.idx)                      # (N, O)
+                        idx=self.router.idx, xa=self.router.xa)   # (N, O)
 
     def delta_weight(self, e: int) -> torch.Tensor:
         """Dense (O, I) update of expert e. For merging and tests, never called by forward."""
@@ -80,6 +73,6 @@ class MoLoRALinear(AdaptedLinear):
 
 
 def molora_num_params(I: int, O: int, cfg: MoLoRAConfig) -> int:
-    """E r (I + O) + E I per adapted linear: experts + bias-free router (METHODS.md 1(d))."""
+    """E r (I + O) + E I per adapted linear: experts + bias-free router."""
     E, r = cfg.num_experts, cfg.rank
     return E * r * (I + O) + E * I

@@ -6,8 +6,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import fast
 from common import (aux_loss, count_trainable, dispatch_fused, dispatch_naive, inject, load_adapter,
-                    load_balance_loss, route, router_z_loss, save_adapter)
+                    load_balance_loss, route, save_adapter)
 from gpt import GPT, GPTConfig
 from lora import LoRAConfig, LoRALinear, lora_num_params
 from molora import MoLoRAConfig, MoLoRALinear, molora_num_params
@@ -57,21 +58,21 @@ def test_topk_without_renormalisation_keeps_softmax_values():
 @pytest.mark.parametrize("E,K", [(5, 1), (5, 2), (5, 3), (8, 2), (8, 7)])
 @pytest.mark.parametrize("renormalize", [True, False])
 def test_fast_gate_matches_reference_values_and_gradients(E, K, renormalize):
-    """_TopKGate (hand-written backward, CPU top-k by rounds of max) against gate() under autograd:
+    """fast.TopKGate (hand-written backward, CPU top-k by rounds of max) against gate() under autograd:
     the same probs, gates and idx, and the same dL/dlogits for a loss on gates and probs both
     (the balancing loss reaches the logits through probs), float64."""
     torch.manual_seed(E * 10 + K)
     logits = torch.randn(37, E, dtype=torch.float64) * 3
     wg, wp = torch.randn(37, E, dtype=torch.float64), torch.randn(37, E, dtype=torch.float64)
     results = []
-    for fn in (common.gate, common._TopKGate.apply):
+    for fn in (common.gate, fast.TopKGate.apply):
         lg = logits.clone().requires_grad_()
         probs, gates, idx = fn(lg, K, renormalize)
         ((gates * wg).sum() + (probs * wp).sum()).backward()
         results.append((probs, gates, idx, lg.grad))
-    for ref, fast in zip(*results):
-        torch.testing.assert_close(fast, ref)
-    assert torch.autograd.gradcheck(lambda lg: common._TopKGate.apply(lg, K, renormalize)[:2],
+    for ref, out in zip(*results):
+        torch.testing.assert_close(out, ref)
+    assert torch.autograd.gradcheck(lambda lg: fast.TopKGate.apply(lg, K, renormalize)[:2],
                                     logits[:6].clone().requires_grad_())
 
 
@@ -115,12 +116,6 @@ def test_balance_loss_hand_example():
     assert load_balance_loss(probs, idx).item() == pytest.approx(1.25)
     uniform = torch.full((4, 4), 0.25)
     assert load_balance_loss(uniform, torch.tensor([[0], [1], [2], [3]])).item() == pytest.approx(1.0)
-
-
-def test_router_z_loss_hand_example():
-    logits = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
-    expected = ((torch.log(torch.tensor(2.0))) ** 2 + (1 + torch.log(torch.tensor(2.0))) ** 2) / 2
-    assert router_z_loss(logits).item() == pytest.approx(expected.item())
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -302,9 +297,8 @@ def test_adapter_errors(tmp_path):
 def test_written_out_softmax_equals_torch_softmax():
     """common's softmax (written out for speed on CPU) against torch's: values and gradients, with
     logits large enough to overflow exp() unless the max is subtracted."""
-    from common import _softmax
     logits = (torch.randn(13, 7, dtype=torch.float64) * 300).requires_grad_()
     dy = torch.randn(13, 7, dtype=torch.float64)
-    ours, ref = _softmax(logits), torch.softmax(logits, -1)
+    ours, ref = fast.softmax(logits), torch.softmax(logits, -1)
     torch.testing.assert_close(ours, ref)
     torch.testing.assert_close(*(torch.autograd.grad(p, logits, dy)[0] for p in (ours, ref)))

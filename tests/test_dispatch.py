@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 
 import common
-from common import dispatch_auto, dispatch_fused, dispatch_grouped, dispatch_naive
+import fast
+from common import dispatch_auto, dispatch_fused, dispatch_naive
+from fast import dispatch_grouped
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,7 +25,7 @@ def routed(N, I, O, E, K, r, shared=False, dtype=torch.float64, device="cpu", se
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(N, I, generator=g, dtype=dtype)                        # (N, I)
     A = torch.randn(*(() if shared else (E,)), r, I, generator=g, dtype=dtype) / I ** 0.5
-    B = torch.randn(E, O, r, generator=g, dtype=dtype) / r ** 0.5          # not zero: see STYLE 12
+    B = torch.randn(E, O, r, generator=g, dtype=dtype) / r ** 0.5          # not zero: a zero B tests nothing
     probs = torch.rand(N, E, generator=g, dtype=torch.float64).softmax(-1)
     top, idx = probs.topk(K, dim=-1)                                       # (N, K), (N, K)
     dy = torch.randn(N, O, generator=g, dtype=dtype)                       # (N, O)
@@ -84,11 +86,12 @@ def test_grouped_all_tokens_on_one_expert():
 
 @pytest.mark.parametrize("E,K,expect", [(8, 1, "grouped"), (4, 2, "fused"), (5, 5, "fused")])
 def test_auto_picks_by_the_crossover(monkeypatch, E, K, expect):
-    monkeypatch.setitem(common.GROUPED_FROM_E_OVER_K, "cpu", 8)               # pin it for the test
+    monkeypatch.setitem(fast.GROUPED_FROM_E_OVER_K, "cpu", 8)               # pin it for the test
     calls = []
-    monkeypatch.setattr(common, "dispatch_grouped",
+    monkeypatch.setattr(fast, "dispatch_grouped",
                         lambda *a, **k: calls.append("grouped") or dispatch_grouped(*a, **k))
-    monkeypatch.setattr(common, "dispatch_fused", lambda *a: calls.append("fused") or dispatch_fused(*a))
+    monkeypatch.setattr(common, "dispatch_fused",
+                        lambda *a, **k: calls.append("fused") or dispatch_fused(*a, **k))
     (x, A, B, top), idx, dy = routed(N=6, I=10, O=9, E=E, K=K, r=2)
     out = out_and_grads(lambda x, A, B, g, i: dispatch_auto(x, A, B, g, 0.7, idx=i), x, A, B, top, idx, dy)
     assert calls == [expect]
@@ -105,6 +108,15 @@ def test_auto_without_idx_is_fused():
 # ----------------------------------------------------------------------------- a Router as the gates
 
 
+def with_router(dispatch):
+    """A layer's two lines: gates from the Router (W_g x folded into the x A^T matmul where
+    that pays), then the dispatch with the Router's idx and x A^T."""
+    def layer(x, A, B, router, scaling):
+        gates = router(x, fold=A)                                          # (N, E)
+        return dispatch(x, A, B, gates, scaling, idx=router.idx, xa=router.xa)
+    return layer
+
+
 def router_out_and_grads(dispatch, x, A, B, router, dy):
     """y, the balancing loss and the gradients of y + balancing loss for x, A, B and W_g."""
     y = dispatch(x, A, B, router, 0.7)                                     # (N, O)
@@ -117,16 +129,16 @@ def router_out_and_grads(dispatch, x, A, B, router, dy):
                                     if (p, K) != ("grouped", 5)])        # soft: nothing to group
 @pytest.mark.parametrize("shared", [False, True])
 def test_router_in_the_dispatch_matches_naive(monkeypatch, path, K, shared):
-    """Handed the Router, the fused path forms W_g x inside its x A^T matmul; grouped takes idx
-    from the Router; auto picks one. Outputs, balancing loss and every gradient, W_g's included."""
-    monkeypatch.setitem(common.GROUPED_FROM_E_OVER_K, "cpu", 2)          # auto: K=1 grouped, else fused
+    """With the Router's fold, the fused path gets W_g x formed inside the x A^T matmul; grouped
+    takes idx from the Router; auto picks one. Outputs, balancing loss and every gradient, W_g's included."""
+    monkeypatch.setitem(fast.GROUPED_FROM_E_OVER_K, "cpu", 2)          # auto: K=1 grouped, else fused
     (x, A, B, _), _, dy = routed(N=11, I=37, O=53, E=5, K=1, r=3, shared=shared)
     torch.manual_seed(0)
     router = common.Router(37, 5, K).double()
     paths = {"fused": dispatch_fused, "auto": dispatch_auto,
              "grouped": dispatch_grouped}
-    ref = router_out_and_grads(dispatch_naive, x, A, B, router, dy)
-    out = router_out_and_grads(paths[path], x, A, B, router, dy)
+    ref = router_out_and_grads(with_router(dispatch_naive), x, A, B, router, dy)
+    out = router_out_and_grads(with_router(paths[path]), x, A, B, router, dy)
     assert len(out) == len(ref) == (5 if K == 5 else 6)                  # soft: no balancing loss
     for o, rf in zip(out, ref):
         torch.testing.assert_close(o, rf)
@@ -135,17 +147,17 @@ def test_router_in_the_dispatch_matches_naive(monkeypatch, path, K, shared):
 @pytest.mark.parametrize("K", [1, 2, 3])
 @pytest.mark.parametrize("renormalize", [True, False])
 def test_router_gating_matches_autograd_through_gate(K, renormalize):
-    """End to end: the fused path handed a Router (gating by common._TopKGate's hand-written
+    """End to end: the fused path fed by a Router (gating by fast.TopKGate's hand-written
     backward) against the naive loop handed gates from gate() + load_balance_loss under plain
     autograd. Output, balancing loss and the gradients of x, A, B and W_g."""
     (x, A, B, _), _, dy = routed(N=11, I=37, O=53, E=5, K=1, r=3)
     torch.manual_seed(0)
     router = common.Router(37, 5, K, renormalize).double()
-    out = router_out_and_grads(dispatch_fused, x, A, B, router, dy)
+    out = router_out_and_grads(with_router(dispatch_fused), x, A, B, router, dy)
 
     def reference(x, A, B, router, scaling):
         probs, gates, idx = common.gate(common.router_logits(x, router.weight), K, renormalize)
-        router.balance_loss = common.load_balance_loss(probs, idx)     # what Router.gate keeps
+        router.balance_loss = common.load_balance_loss(probs, idx)     # what Router keeps
         return dispatch_naive(x, A, B, gates, scaling)
     ref = router_out_and_grads(reference, x, A, B, router, dy)
     for o, rf in zip(out, ref):
@@ -161,9 +173,9 @@ def test_layers_that_route_before_the_dispatch_reach_the_grouped_path(monkeypatc
     from layer_checks import assert_paths_match
     from malora import MALoRAConfig, MALoRALinear
     from molora import MoLoRAConfig, MoLoRALinear
-    monkeypatch.setitem(common.GROUPED_FROM_E_OVER_K, "cpu", 4)           # E / K = 8 is past it
+    monkeypatch.setitem(fast.GROUPED_FROM_E_OVER_K, "cpu", 4)           # E / K = 8 is past it
     calls = []
-    monkeypatch.setattr(common, "dispatch_grouped",
+    monkeypatch.setattr(fast, "dispatch_grouped",
                         lambda *a, **k: calls.append("grouped") or dispatch_grouped(*a, **k))
     torch.manual_seed(0)
     top1 = dict(num_experts=8, top_k=1, renormalize=False, rank=4)
@@ -184,7 +196,7 @@ def test_router_logits_stay_float32_for_bf16_inputs():
     router = common.Router(32, 6, 2).bfloat16()
     gates = common.route(x, router, 2)[2]                                  # (N, E) float32
     assert gates.dtype == torch.float32
-    assert torch.equal(dispatch_fused(x, A, B, router, 0.7), dispatch_fused(x, A, B, gates, 0.7))
+    assert torch.equal(with_router(dispatch_fused)(x, A, B, router, 0.7), dispatch_fused(x, A, B, gates, 0.7))
 
 
 # ----------------------------------------------------------------------------- compile
@@ -206,12 +218,12 @@ def test_fused_compiles_whole_forward_and_backward(shared):
 def test_fused_with_a_router_compiles_whole(K):
     """The router folded into the matmul, top-k, balancing loss: still one graph, same numbers."""
     torch._dynamo.reset()
-    fn = torch.compile(dispatch_fused, fullgraph=True, backend="aot_eager")
+    fn = torch.compile(with_router(dispatch_fused), fullgraph=True, backend="aot_eager")
     (x, A, B, _), _, dy = routed(N=7, I=12, O=10, E=4, K=1, r=3, dtype=torch.float32)
     torch.manual_seed(0)
     router = common.Router(12, 4, K)
     for o, rf in zip(router_out_and_grads(fn, x, A, B, router, dy),
-                     router_out_and_grads(dispatch_fused, x, A, B, router, dy)):
+                     router_out_and_grads(with_router(dispatch_fused), x, A, B, router, dy)):
         torch.testing.assert_close(o, rf)
 
 
@@ -231,16 +243,16 @@ def test_fused_compiles_with_inductor_on_cuda(dtype):
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_with_a_router_compiles_with_inductor_on_cuda(dtype):
-    """The top-k Router's hand-written backward (common._TopKGate) traced by inductor: one graph,
+    """The top-k Router's hand-written backward (fast.TopKGate) traced by inductor: one graph,
     the numbers of eager, balancing loss and W_g's gradient included."""
     torch._dynamo.reset()
-    fn = torch.compile(dispatch_fused, fullgraph=True)
+    fn = torch.compile(with_router(dispatch_fused), fullgraph=True)
     (x, A, B, _), _, dy = routed(N=256, I=64, O=96, E=8, K=1, r=8, dtype=dtype, device="cuda")
     torch.manual_seed(0)
     router = common.Router(64, 8, 2).cuda()
     tol = {} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     for o, rf in zip(router_out_and_grads(fn, x, A, B, router, dy),
-                     router_out_and_grads(dispatch_fused, x, A, B, router, dy)):
+                     router_out_and_grads(with_router(dispatch_fused), x, A, B, router, dy)):
         torch.testing.assert_close(o, rf.to(o.dtype), **tol)
 
 
