@@ -88,10 +88,11 @@ class Router(nn.Module):
     `router(x)` (N, I) -> gates (N, E), the same as route(x, router, K)[2] (computed by fast.gate:
     top-k with its backward written out). Each call keeps `idx` (N, K) (None when soft) and
     `balance_loss`, the Switch loss of the call (None when soft: the original MoLoRA has none).
-    Opt-in, `router(x, fold=A)`: a layer whose experts read the same x passes their input side A
-    (E, r, I) or (r, I); W_g x is then formed in the x A^T matmul (fast.fold_router) and x A^T is
-    kept in `xa` for the dispatch, unless x is bf16/fp16 (logits stay float32) or the grouped
-    path, which does not use it, will run. Otherwise `xa` is None.
+    Opt-in, `router(x, fold=A, dispatch=dispatch)`: a layer whose experts read the same x passes
+    their input side A (E, r, I) or (r, I) and its dispatch; when that dispatch takes x A^T
+    (its `takes_xa(x, E, K)` says so: fused yes, the loop and the grouped path no), W_g x is
+    formed in the x A^T matmul (fast.fold_router) and x A^T is kept in `xa` for it. Never for
+    bf16/fp16 x (the logits stay float32). Otherwise `xa` is None.
     """
 
     def __init__(self, in_features: int, num_experts: int, top_k: int | None = None,
@@ -105,11 +106,11 @@ class Router(nn.Module):
     def reset_parameters(self):
         nn.init.normal_(self.weight, std=0.02)
 
-    def forward(self, x: torch.Tensor, fold: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fold: torch.Tensor | None = None, dispatch=None) -> torch.Tensor:
         E = self.weight.shape[0]
         self.xa = None
-        if (fold is not None and x.dtype == mix_dtype(x)
-                and not fast.grouped_pays(x.device.type, E, self.top_k)):
+        takes_xa = getattr(dispatch, "takes_xa", lambda x, E, K: False)
+        if fold is not None and x.dtype == mix_dtype(x) and takes_xa(x, E, self.top_k):
             self.xa, logits = fast.fold_router(x, fold, self.weight)      # (N, E*r), (N, E)
         else:
             logits = router_logits(x, self.weight)                     # (N, E)
@@ -121,8 +122,8 @@ class Router(nn.Module):
 # ----------------------------------------------------------------------------- dispatch
 # Every dispatch takes (x, A, B, gates, scaling, act=None, idx=None, xa=None): x (N, I);
 # A (E, r, I) per expert or (r, I) shared; B (E, O, r); gates (N, E); idx (N, K), the top-k
-# experts, used only by the grouped path; xa, x A^T already formed (Router's fold), an optional
-# shortcut the fast paths take.
+# experts, used only by the grouped path; xa, x A^T already formed by the Router's fold, which
+# only a dispatch with `takes_xa` asks for.
 
 
 def dispatch_naive(x, A, B, gates, scaling, act: Callable | None = None, idx=None, xa=None):
@@ -168,9 +169,13 @@ def dispatch_auto(x, A, B, gates, scaling, act: Callable | None = None, idx=None
     return dispatch_fused(x, A, B, gates, scaling, act, xa=xa)
 
 
+dispatch_fused.takes_xa = lambda x, E, K: True                     # see Router's fold
+dispatch_auto.takes_xa = lambda x, E, K: not fast.grouped_pays(x.device.type, E, K)
+
 # fullgraph=True is safe: no branch on tensor values and no .item(), so dispatch is one graph.
 # Compiling is lazy: nothing happens until the first call, on the device of its inputs.
 dispatch_compiled = torch.compile(dispatch_fused, fullgraph=True, dynamic=False)
+dispatch_compiled.takes_xa = dispatch_fused.takes_xa
 
 
 # ----------------------------------------------------------------------------- adapted layers

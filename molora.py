@@ -63,7 +63,8 @@ class MoLoRALinear(AdaptedLinear):
     def update(self, x, dispatch):
         """x (N, I) -> scaling * sum_e g_e B_e A_e x, (N, O). The router reads x, the experts
         dropout(x); without dropout both read x, so W_g x rides in the x A^T matmul (fold)."""
-        gates = self.router(x, fold=None if self.dropout.p else self.lora_A)   # (N, E)
+        fold = None if self.dropout.p else self.lora_A          # both read x: one matmul
+        gates = self.router(x, fold, dispatch)                    # (N, E)
         return dispatch(self.dropout(x), self.lora_A, self.lora_B, gates, self.scaling,
                         idx=self.router.idx, xa=self.router.xa)   # (N, O)
 

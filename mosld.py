@@ -83,7 +83,7 @@ class MoSLDLinear(AdaptedLinear):
         # F.dropout on a weight is DropConnect: M * A / (1 - p), one fresh mask per call; A at eval
         A = F.dropout(self.shared_A, self.drop_a, self.training)  # (r, I)  Eq. 2, one mask per step
         B = F.dropout(self.lora_B, self.drop_b, self.training)    # (E, O, r)  Table 2 ablation
-        gates = self.router(x, fold=A)                            # (N, E)  Eq. 1; W_g x beside x A~^T
+        gates = self.router(x, fold=A, dispatch=dispatch)         # (N, E)  Eq. 1; W_g x beside x A~^T
         return dispatch(x, A, B, gates, self.scaling, idx=self.router.idx,
                         xa=self.router.xa)                        # (N, O)  Eq. 3: x A~^T once per token
 

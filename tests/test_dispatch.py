@@ -112,7 +112,7 @@ def with_router(dispatch):
     """A layer's two lines: gates from the Router (W_g x folded into the x A^T matmul where
     that pays), then the dispatch with the Router's idx and x A^T."""
     def layer(x, A, B, router, scaling):
-        gates = router(x, fold=A)                                          # (N, E)
+        gates = router(x, fold=A, dispatch=dispatch)                       # (N, E)
         return dispatch(x, A, B, gates, scaling, idx=router.idx, xa=router.xa)
     return layer
 

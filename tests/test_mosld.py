@@ -46,9 +46,9 @@ def capture(layer, x):
     """Run the layer's update with a dispatch that records what the layer hands it."""
     seen = {}
 
-    def record(x2, A, B, gates, scaling):
+    def record(x2, A, B, gates, scaling, **kw):
         seen.update(A=A, B=B, gates=gates)
-        return dispatch_fused(x2, A, B, gates, scaling)
+        return dispatch_fused(x2, A, B, gates, scaling, **kw)
     return layer.update(x, record), seen
 
 
