@@ -109,12 +109,31 @@ def grouped_pays(device_type: str, E: int, K: int) -> bool:
     return K < E and crossover is not None and E >= crossover * K
 
 
+def _cpu_grouped_mm() -> bool:
+    """Whether this torch build runs torch._grouped_mm on CPU (torch 2.13's does; older builds
+    have it for CUDA only, or not at all): one tiny call, once, at import."""
+    try:
+        a, W = torch.ones(2, 4), torch.ones(2, 4, 4)
+        return torch._grouped_mm(a, W, offs=torch.tensor([1, 2], dtype=torch.int32)).shape == (2, 4)
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+CPU_GROUPED_MM = _cpu_grouped_mm()
+
+
 def has_grouped_mm(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> bool:
-    """torch._grouped_mm has a fast kernel for bf16 on sm90+ GPUs; it needs 16-byte aligned rows,
-    so r, I and O must be multiples of 8."""
-    return (hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16
-            and torch.cuda.get_device_capability(x.device) >= (9, 0)
-            and all(n % 8 == 0 for n in (*A.shape[-2:], B.shape[1])))    # r, I, O
+    """Whether torch._grouped_mm has a kernel for x: bf16 on sm90+ GPUs; float32 and bf16 on CPU
+    where the build has one (CPU_GROUPED_MM), bf16 only under torch.compile (its meta kernel
+    refuses float32). Its rows must be 16-byte aligned, so r, I and O must be multiples of
+    16 / itemsize (4 for float32, 8 for bf16). float64 never qualifies."""
+    if x.is_cuda:
+        ok = (hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16
+              and torch.cuda.get_device_capability(x.device) >= (9, 0))
+    else:
+        dtypes = (torch.bfloat16,) if torch.compiler.is_compiling() else (torch.float32, torch.bfloat16)
+        ok = CPU_GROUPED_MM and x.device.type == "cpu" and x.dtype in dtypes
+    return ok and all(n % (16 // x.element_size()) == 0 for n in (*A.shape[-2:], B.shape[1]))   # r, I, O
 
 
 def per_expert_mm(a: torch.Tensor, W: torch.Tensor, ends: torch.Tensor, pad: int | None):
@@ -131,10 +150,11 @@ def dispatch_grouped(x, A, B, gates, scaling, act=None, idx=None, xa=None):
     idx (N, K): the experts kept per token (required). The N*K (token, slot) pairs are sorted by
     expert, so each factor is one grouped GEMM and the matmul work is N K r (I + O) instead of
     N E r (I + O): the path for large E / K. xa, x A^T already formed, is used with a shared A.
-    The GEMM is torch._grouped_mm where this build has a fast one (CUDA, bf16, sm90+). Elsewhere
-    every expert's block is padded to the largest block and one bmm does all of them: no loop,
-    but the block size is read back to the host, so under torch.compile the fallback breaks the
-    graph. Padding rows read token 0 with gate 0, so they add nothing, forward or backward.
+    The GEMM is torch._grouped_mm where this build has one (has_grouped_mm: CUDA bf16 on sm90+,
+    CPU float32/bf16): no host sync, so torch.compile(fullgraph=True) captures the path whole.
+    Elsewhere (float64, unaligned sizes, older builds) every expert's block is padded to the
+    largest block and one bmm does all of them: no loop, but the block size is read back to the
+    host, so under torch.compile that fallback breaks the graph. Padding rows read token 0 with gate 0, so they add nothing, forward or backward.
     Gates mix in float32 as in dispatch_fused. Each token sums its K rows with index_add, whose
     atomic adds on CUDA may vary the last bit for K > 2.
     """

@@ -81,6 +81,88 @@ def test_grouped_all_tokens_on_one_expert():
         torch.testing.assert_close(o, rf)
 
 
+# ----------------------------------------------------------------------------- grouped_mm on CPU
+
+needs_cpu_grouped_mm = pytest.mark.skipif(not fast.CPU_GROUPED_MM,
+                                          reason="this torch build has no CPU torch._grouped_mm")
+
+
+def grouped_mm_case(dtype, K=2, N=13):
+    """Sizes aligned for torch._grouped_mm (r, I, O multiples of 8) but odd blocks: N=13 tokens."""
+    leaves, idx, dy = routed(N=N, I=40, O=56, E=5, K=K, r=8, dtype=dtype)
+    return leaves, idx, dy
+
+
+def assert_close_to_float64_loop(out, leaves, idx, dy, tol):
+    """out: y and the gradients of x, A, B, top from the low-precision path; the reference is the
+    float64 loop on the same (rounded) inputs."""
+    ref = out_and_grads(naive, *(t.detach().double().requires_grad_() for t in leaves), idx, dy.double())
+    for name, o, rf in zip(["y", "x", "A", "B", "gates"], out, ref):
+        torch.testing.assert_close(o.double(), rf, rtol=tol, atol=tol * rf.abs().max().item(),
+                                   msg=lambda m: f"{name}: {m}")
+
+
+@needs_cpu_grouped_mm
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("K", [1, 2, 3])
+def test_grouped_mm_branch_on_cpu_matches_naive(dtype, tol, K):
+    """The torch._grouped_mm branch (offs layout, blocks back to back) runs on CPU for float32 and
+    bf16: outputs and every gradient against the float64 loop."""
+    leaves, idx, dy = grouped_mm_case(dtype, K=K)
+    assert fast.has_grouped_mm(leaves[0], leaves[1], leaves[2])          # the branch under test
+    assert_close_to_float64_loop(out_and_grads(grouped, *leaves, idx, dy), leaves, idx, dy, tol)
+
+
+@needs_cpu_grouped_mm
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("blocks", ["empty experts", "one expert", "one token"])
+def test_grouped_mm_odd_blocks_on_cpu(dtype, tol, blocks):
+    """Empty blocks (offs repeats an end), every pair in one block, and a single token."""
+    leaves, idx, dy = grouped_mm_case(dtype, K=2)
+    if blocks == "empty experts":
+        idx = torch.tensor([[0, 3], [3, 0]] * 6 + [[0, 3]])               # experts 1, 2, 4 get nothing
+    elif blocks == "one expert":
+        leaves, idx, dy = grouped_mm_case(dtype, K=1)
+        idx = torch.full((13, 1), 4)
+    else:
+        leaves, idx, dy = grouped_mm_case(dtype, K=2, N=1)
+    assert_close_to_float64_loop(out_and_grads(grouped, *leaves, idx, dy), leaves, idx, dy, tol)
+
+
+@needs_cpu_grouped_mm
+def test_grouped_mm_backward_takes_a_broadcast_gradient():
+    """y.sum() hands the backward a gradient with stride 0, which torch._grouped_mm's CPU backward
+    refuses; the path must never pass it one (index_add's backward gathers a dense one)."""
+    (x, A, B, top), idx, _ = grouped_mm_case(torch.float32)
+    gates = torch.zeros(13, 5).scatter(-1, idx, top)
+    dispatch_grouped(x, A, B, gates, 0.7, idx=idx).sum().backward()
+    assert all(t.grad is not None and t.grad.isfinite().all() for t in (x, A, B, top))
+
+
+@needs_cpu_grouped_mm
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_grouped_mm_path_compiles_on_cpu(dtype):
+    """bf16: torch._grouped_mm needs no host sync (the padded fallback reads its block size back),
+    so the grouped path traces as one graph, forward and backward. float32: the op's meta kernel
+    is bf16-only, so under compile the path takes the padded fallback, with a graph break."""
+    torch._dynamo.reset()
+    fn = torch.compile(dispatch_grouped, fullgraph=dtype == torch.bfloat16, backend="aot_eager")
+    leaves, idx, dy = grouped_mm_case(dtype)
+    compiled = lambda x, A, B, g, i: fn(x, A, B, g, 0.7, idx=i)          # noqa: E731
+    tol = {} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    for o, rf in zip(out_and_grads(compiled, *leaves, idx, dy), out_and_grads(grouped, *leaves, idx, dy)):
+        torch.testing.assert_close(o, rf, **tol)
+
+
+def test_float64_and_unaligned_sizes_take_the_padded_fallback():
+    """The padded bmm stays the path where torch._grouped_mm has no kernel; the float64 tests
+    above run it."""
+    (x, A, B, _), _, _ = routed(N=5, I=40, O=56, E=5, K=2, r=8)              # float64
+    assert not fast.has_grouped_mm(x, A, B)
+    (x, A, B, _), _, _ = routed(N=5, I=37, O=53, E=5, K=2, r=3, dtype=torch.float32)
+    assert not fast.has_grouped_mm(x, A, B)
+
+
 # ----------------------------------------------------------------------------- dispatch_auto
 
 
