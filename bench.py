@@ -16,7 +16,7 @@ and for each method (MoLoRA, MoSLD, MALoRA, MoDULA-Flan and -Res, soft over its 
   grouped           common.dispatch_grouped: pairs sorted by expert, grouped GEMMs
   fused compiled    with --compile: common.dispatch_compiled, the fused path under torch.compile
 A row's adapter cost is its time minus the frozen base's; every ratio printed is a ratio of
-adapter costs (shared/API.md). GFLOP: matmul FLOPs of that forward + backward, adapter part.
+adapter costs. GFLOP: matmul FLOPs of that forward + backward, adapter part.
 saved MiB: memory, what the forward keeps for the backward (activations), adapter part; exact and
 the same on every device (autograd's saved-tensor hooks), so it is measured once, not timed.
 x requires grad, as inside a model, so every row also computes dL/dx.

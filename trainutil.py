@@ -116,7 +116,7 @@ def config_overrides(saved: dict, method: str, presets: dict, variant: str | Non
 
 
 def lr_at(step, steps, peak, warmup_frac=0.05):
-    """Linear warm-up then cosine decay to 0 (METHODS.md 2(h).5)."""
+    """Linear warm-up then cosine decay to 0 (MoSLD and MALoRA give no schedule; docs/interpretations.md)."""
     warmup = max(1, int(warmup_frac * steps))
     if step < warmup:
         return peak * (step + 1) / warmup

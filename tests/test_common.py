@@ -205,7 +205,7 @@ def test_delta_weight_matches_forward():
     torch.testing.assert_close(lora(x), lora.base(x) + x @ lora.delta_weight().T)
     molora = MoLoRALinear(nn.Linear(37, 53), MoLoRAConfig(num_experts=3, rank=2)).double()
     nn.init.normal_(molora.lora_B)
-    gates = torch.softmax(x @ molora.router.weight.T, -1)          # soft routing, METHODS.md 1(a)
+    gates = torch.softmax(x @ molora.router.weight.T, -1)          # soft routing, the MoLoRA code
     expected = molora.base(x) + sum(gates[:, e:e + 1] * (x @ molora.delta_weight(e).T) for e in range(3))
     torch.testing.assert_close(molora(x), expected)
 

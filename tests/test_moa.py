@@ -168,7 +168,7 @@ def test_train_py_stages_router_accuracy_and_add_domain(tmp_path):
 
 @pytest.mark.parametrize("routing", ["sequence", "token"])
 def test_forward_takes_any_leading_shape(routing):
-    """forward(x) takes (..., I) (API.md): the last two dims are (T, I), the ones before are batch;
+    """forward(x) takes (..., I) (every adapted layer's contract): the last two dims are (T, I), the ones before are batch;
     a 2-D x is one sequence, a 1-D x one token. Same numbers as the (B, T, I) call, and as the loop."""
     torch.manual_seed(0)
     layer = MoALinear(nn.Linear(12, 10), MoAConfig(num_domains=3, rank=2, routing=routing, prompt_len=2)).double()

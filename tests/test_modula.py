@@ -1,4 +1,4 @@
-"""Tests for modula.py: fused vs naive, zero update at init, parameter formulas (METHODS.md 4(d)),
+"""Tests for modula.py: fused vs naive, zero update at init, parameter formulas (MoDULA §3),
 config errors, what each stage changes, adding a domain, and the stages run from train.py."""
 import json
 import os
@@ -164,7 +164,7 @@ def test_adding_a_domain_leaves_old_experts_bit_identical(variant):
     before = snapshot(layers)
     for m in layers:
         append_expert(m)
-        assert torch.equal(m.router.weight[-1], m.router.weight[:-1].mean(0))   # METHODS.md 4(c)
+        assert torch.equal(m.router.weight[-1], m.router.weight[:-1].mean(0))   # a new domain's row: the mean
         assert not m.lora_B[-1].any()                # the new expert's update starts at 0
     n = len(domains)
     grown_cfg = MoDULAConfig(variant=variant, num_domains=n + 1, targets=cfg.targets)
@@ -199,7 +199,7 @@ def run_train(tmp_path, *args, out):
 
 
 def test_train_py_runs_the_stages_and_adds_a_domain(tmp_path):
-    """--exclude-task, then --add-domain: per-stage counts match METHODS.md 4(d) exactly."""
+    """--exclude-task, then --add-domain: per-stage counts match the formulas of modula_num_params exactly."""
     m = run_train(tmp_path, "--method", "modula", "--variant", "flan", "--exclude-task", "addpos",
                   out="four")
     assert m["tasks"] == ["add1", "subst", "neg", "mul3"]

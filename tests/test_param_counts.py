@@ -1,6 +1,6 @@
 """The papers' parameter counts at LLaMA-2-7B shapes (d_model 4096, d_ff 11008, 32 layers), from
 each method's formula and from real layers built on the meta device (nothing is allocated).
-Expected values: METHODS.md 2(d) (MoSLD, Table 5 corrected) and 3(d) (MALoRA, Tables 1, 3, 8)."""
+Expected values: MoSLD Table 5 (corrected, docs/interpretations.md) and MALoRA Tables 1, 3, 8."""
 import pytest
 import torch
 import torch.nn as nn
@@ -76,7 +76,7 @@ def test_mosld_uses_160_experts_per_projection():
 
 
 def test_malora_saving_against_molora():
-    """'30 % to 48 % fewer parameters' (METHODS.md 3(d)): -29 % vs MoLoRA r=12, -28 % Small vs r=8."""
+    """'30 % to 48 % fewer parameters' (MALoRA abstract): -29 % vs MoLoRA r=12, -28 % Small vs r=8."""
     count = {c: formula_count(*CASES[c][1:4]) for c in CASES}
     assert round(1 - count["MALoRA r=12 d=32"] / count["MoLoRA r=12"], 2) == 0.29
     assert round(1 - count["MALoRA-Small r=8 d=22"] / count["MoLoRA r=8"], 2) == 0.28
