@@ -160,7 +160,7 @@ def dispatch_grouped(x, A, B, gates, scaling, act=None, idx=None, xa=None):
     """
     if idx is None:
         raise ValueError("dispatch_grouped: needs idx (N, K), the experts each token keeps")
-    (N, K), (E, O, r) = idx.shape, B.shape
+    (N, K), (E, O) = idx.shape, B.shape[:2]
     pairs = torch.arange(N * K, device=x.device)                  # (N*K,) (token, slot), token-major
     expert = idx.reshape(-1)                                       # (N*K,) expert of each pair
     sorted_expert, order = expert.sort(stable=True)                # (N*K,), pairs grouped by expert

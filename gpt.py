@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common import atomic_write, first_line
+
 FORMAT = "moe-lora-gpt"  # tag in every checkpoint written by save_checkpoint
 
 
@@ -142,18 +144,11 @@ def save_checkpoint(model: GPT, path):
     then os.replace, so a crash never leaves a half-written checkpoint behind."""
     model = getattr(model, "_orig_mod", model)                  # unwrap torch.compile
     ckpt = {"format": FORMAT, "config": asdict(model.cfg), "model": model.state_dict()}
-    tmp = os.fspath(path) + ".tmp"
-    try:
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(os.fspath(path), lambda tmp: torch.save(ckpt, tmp))
 
 
 def _why(e: Exception) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0] if lines else ''}"   # one line, whatever torch says
+    return f"{type(e).__name__}: {first_line(e)}"               # one line, whatever torch says
 
 
 def _check(path, sd, shapes: dict):

@@ -18,6 +18,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from common import atomic_write, first_line
+
 
 def init_distributed(device: str):
     """(rank, world size, torch.device). Under torchrun (WORLD_SIZE > 1) joins the process group:
@@ -55,10 +57,8 @@ def set_rng_state(state: dict, gen: torch.Generator):
 
 
 def save_atomic(obj: dict, path: str):
-    """torch.save to path.tmp, then os.replace: a kill at any moment leaves the last whole file."""
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save, atomically (common.atomic_write): a kill at any moment leaves the last whole file."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_checkpoint(path: str, run: dict) -> dict:
@@ -70,8 +70,7 @@ def load_checkpoint(path: str, run: dict) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:                                   # torch raises many types for a bad file
-        why = (str(e).strip().splitlines() or [""])[0]
-        raise ValueError(f"{path}: unreadable checkpoint ({type(e).__name__}: {why})") from e
+        raise ValueError(f"{path}: unreadable checkpoint ({type(e).__name__}: {first_line(e)})") from e
     if not isinstance(ckpt, dict) or not {"run", "stage", "step", "adapter"} <= ckpt.keys():
         raise ValueError(f"{path}: not a training checkpoint written by train.py")
     saved = ckpt["run"]
