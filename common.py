@@ -469,7 +469,7 @@ class Conv1DLinear(nn.Linear):
 
 def as_linear(module: nn.Module) -> nn.Linear | None:
     """What inject adapts: an nn.Linear itself; a GPT-2 Conv1D, recognised without importing
-    transformers by its class name and its weight (I, O) and bias (O), as a Conv1DLinear; else None."""
+    transformers by its class name, its weight (I, O) and bias (O), as a Conv1DLinear; else None."""
     if isinstance(module, nn.Linear):
         return module
     w, b = getattr(module, "weight", None), getattr(module, "bias", None)

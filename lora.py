@@ -128,7 +128,7 @@ def _peft_config(path: str) -> dict:
 
 
 def _check_fits(model: nn.Module, name: str, A: torch.Tensor, B: torch.Tensor, where: str):
-    """ValueError unless `name` is an nn.Linear or Conv1D of model with I = A's columns, O = B's rows."""
+    """ValueError unless `name` is an nn.Linear or Conv1D of model, I = A's columns, O = B's rows."""
     try:
         module = model.get_submodule(name)
     except AttributeError:
@@ -181,7 +181,7 @@ def read_peft(directory: str, model: nn.Module | None = None) -> tuple[LoRAConfi
         A, B = state.get(f"{m}.lora_A"), state.get(f"{m}.lora_B")
         if (A is None or B is None or A.dim() != 2 or B.dim() != 2
                 or (A.shape[0], B.shape[1]) != (cfg.rank, cfg.rank)):
-            raise ValueError(f"{path}: {m} needs lora_A (r, I) and lora_B (O, r) with r = {cfg.rank}, "
+            raise ValueError(f"{path}: {m} needs lora_A (r, I) and lora_B (O, r), r = {cfg.rank}, "
                              f"has {None if A is None else tuple(A.shape)} and "
                              f"{None if B is None else tuple(B.shape)}")
         if model is not None:

@@ -192,14 +192,19 @@ def from_loras(model: nn.Module, loras: list, cfg: MoAConfig | None = None) -> l
     alpha and targets come from them, routing and the router settings from cfg. Returns the layers."""
     if not loras:
         raise ValueError("from_loras: needs at least one LoRA, as a (config, state) pair")
-    (cfg0, state0), shapes = loras[0], {k: t.shape for k, t in loras[0][1].items()}
+    def signature(lora):                                  # what must agree for LoRAs to stack
+        c, state = lora
+        return c.rank, c.alpha, {k: tuple(t.shape) for k, t in state.items()}
+    (cfg0, state0), first = loras[0], signature(loras[0])
     for j, (c, state) in enumerate(loras):
-        if (c.rank, c.alpha) != (cfg0.rank, cfg0.alpha) or {k: t.shape for k, t in state.items()} != shapes:
-            raise ValueError(f"from_loras: LoRA {j} (rank {c.rank}, alpha {c.alpha}, {len(state)} tensors) "
-                             f"differs from LoRA 0 (rank {cfg0.rank}, alpha {cfg0.alpha}, {len(state0)} "
-                             f"tensors): a MoA stacks LoRAs of one rank and alpha on the same modules")
+        if signature((c, state)) != first:
+            raise ValueError(f"from_loras: LoRA {j} (rank {c.rank}, alpha {c.alpha}, {len(state)} "
+                             f"tensors) differs from LoRA 0 (rank {cfg0.rank}, alpha {cfg0.alpha}, "
+                             f"{len(state0)} tensors): a MoA stacks LoRAs of one rank and alpha on "
+                             f"the same modules")
     modules = tuple(sorted({k.rpartition(".")[0] for k in state0}))
-    cfg = replace(cfg or MoAConfig(), num_domains=len(loras), rank=cfg0.rank, alpha=cfg0.alpha, targets=modules)
+    cfg = replace(cfg or MoAConfig(), num_domains=len(loras), rank=cfg0.rank, alpha=cfg0.alpha,
+                  targets=modules)
     layers = inject(model, lambda linear, name: MoALinear(linear, cfg).to(linear.weight), modules)
     with torch.no_grad():
         for name in modules:

@@ -5,17 +5,20 @@ q_proj (24 -> 24) and v_proj (24 -> 12) differ in O, and GPT-2, whose c_attn / c
 modules with weight (I, O). float64 throughout. The PEFT tests skip without peft.
 """
 import json
+import os
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
-from common import (Conv1DLinear, adapter_state_dict, aux_loss, count_trainable, inject,  # noqa: E402
-                    layer_config, load_adapter, save_adapter)
+from safetensors.torch import load_file  # noqa: E402
+
+from common import (Conv1DLinear, adapter_meta, adapter_state_dict, aux_loss,  # noqa: E402
+                    count_trainable, inject, layer_config, load_adapter, save_adapter)
 from lora import LoRAConfig, LoRALinear, load_peft, lora_num_params, read_peft, save_peft  # noqa: E402
 from malora import MALoRAConfig, MALoRALinear, malora_num_params  # noqa: E402
-from moa import MoAConfig, extract_domain, from_loras, moa_num_params  # noqa: E402
+from moa import MoAConfig, MoALinear, extract_domain, from_loras, merge, moa_num_params  # noqa: E402
 from molora import MoLoRAConfig, MoLoRALinear, molora_num_params  # noqa: E402
 from mosld import MoSLDConfig, MoSLDLinear, mosld_num_params  # noqa: E402
 
@@ -131,6 +134,24 @@ def test_per_depth_config_reads_the_block_of_a_transformers_name(name):
     assert [layer_config(cfg, name.format(i), 2).num_experts for i in (0, 1)] == [4, 2]
 
 
+def test_readme_own_model_code_runs(tmp_path, monkeypatch):
+    """The code block of README's "Use a method in your own model", read from README.md and run."""
+    readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+    with open(readme) as f:
+        section = f.read().split("## Use a method in your own model\n", 1)[1].split("\n## ", 1)[0]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    env = {}
+    exec(compile(code, readme, "exec"), env)
+    model = env["model"]
+    assert [m.lora_B.shape[0] for m in model.modules() if isinstance(m, MoSLDLinear)] == [4, 4, 2, 2]
+    saved = load_file(str(tmp_path / "mosld-adapter.safetensors"))
+    assert saved.keys() == adapter_state_dict(model).keys()
+    assert all(saved[k].abs().sum() > 0 for k in saved if k.endswith("lora_B"))  # the step moved B
+    assert adapter_meta(str(tmp_path / "mosld-adapter.safetensors"))["method"] == "mosld"
+
+
 # ----------------------------------------------------------------------------- PEFT
 
 
@@ -175,7 +196,8 @@ def test_load_peft_gives_peft_logits(arch, peft, tmp_path):
     theirs.save_pretrained(str(tmp_path))
     model = make()
     layers = load_peft(model, str(tmp_path))
-    assert len(layers) == {"llama": 4, "gpt2": 6}[arch] and all(isinstance(m, LoRALinear) for m in layers)
+    assert len(layers) == {"llama": 4, "gpt2": 6}[arch]
+    assert all(isinstance(m, LoRALinear) for m in layers)
     assert all(m.lora_A.dtype == torch.float64 for m in layers)
     torch.testing.assert_close(model(ids).logits, expected)
 
@@ -183,7 +205,8 @@ def test_load_peft_gives_peft_logits(arch, peft, tmp_path):
 @pytest.mark.parametrize("arch", MODELS)
 def test_moa_from_peft_loras_then_one_domain_back_to_peft(arch, peft, tmp_path):
     """Two PEFT LoRAs become a MoA whose routers alone train; gold routing gives each sequence its
-    domain's PEFT logits; extract_domain turns domain 1 back into a LoRA that PEFT loads."""
+    domain's PEFT logits, and so does merge; extract_domain turns domain 1 back into a LoRA that
+    PEFT loads."""
     make, targets = MODELS[arch]
     ids, expected = token_ids(), []
     for j in range(2):
@@ -191,8 +214,8 @@ def test_moa_from_peft_loras_then_one_domain_back_to_peft(arch, peft, tmp_path):
         expected.append(theirs(input_ids=ids).logits)
         theirs.save_pretrained(str(tmp_path / f"domain{j}"))
     model = make()
-    layers = from_loras(model, [read_peft(str(tmp_path / f"domain{j}"), model) for j in range(2)],
-                        MoAConfig(prompt_len=4))
+    loras = [read_peft(str(tmp_path / f"domain{j}"), model) for j in range(2)]
+    layers = from_loras(model, loras, MoAConfig(prompt_len=4))
     cfg = MoAConfig(num_domains=2, rank=2, alpha=4.0)
     assert count_trainable(model) == sum(moa_num_params(m.base.in_features, m.base.out_features, cfg,
                                                         "router") for m in layers)
@@ -207,6 +230,11 @@ def test_moa_from_peft_loras_then_one_domain_back_to_peft(arch, peft, tmp_path):
         torch.testing.assert_close(routed[b], expected[j][b])
 
     model.eval()
+    merged = make()
+    from_loras(merged, loras)
+    merge(merged, 0)                                           # GPT-2: W0 is a Conv1DLinear view
+    assert not any(isinstance(m, MoALinear) for m in merged.modules())
+    torch.testing.assert_close(merged(ids).logits, expected[0])
     extract_domain(model, 1, lambda base, name: LoRALinear(base, LoRAConfig(rank=2, alpha=4.0)))
     torch.testing.assert_close(model(ids).logits, expected[1])
     save_peft(model, str(tmp_path / "back"))

@@ -19,7 +19,8 @@ CFG = LoRAConfig(rank=3, alpha=5.0, targets=("q", "v"))
 
 def tiny_gpt(n_embd=18):
     torch.manual_seed(0)
-    return GPT(GPTConfig(vocab_size=23, block_size=9, n_layer=2, n_head=2, n_embd=n_embd)).double().eval()
+    cfg = GPTConfig(vocab_size=23, block_size=9, n_layer=2, n_head=2, n_embd=n_embd)
+    return GPT(cfg).double().eval()
 
 
 def ids():
@@ -76,7 +77,8 @@ def rename(old, new):
 
 BAD = {   # case: (break the directory, error type, what the message must name)
     "no directory": (lambda d: d / "nope", FileNotFoundError, "no such PEFT adapter directory"),
-    "no config": (lambda d: (d / "adapter_config.json").unlink(), FileNotFoundError, "adapter_config.json"),
+    "no config": (lambda d: (d / "adapter_config.json").unlink(), FileNotFoundError,
+                  "adapter_config.json: no such file"),
     "no weights": (lambda d: (d / "adapter_model.safetensors").unlink(), FileNotFoundError,
                    "adapter_model.safetensors: no such file"),
     "corrupt json": (lambda d: (d / "adapter_config.json").write_text("{'r': 3"), ValueError,
@@ -88,14 +90,14 @@ BAD = {   # case: (break the directory, error type, what the message must name)
     "bias": (lambda d: edit_config(d, bias="lora_only"), ValueError, "bias='lora_only'"),
     "PiSSA": (lambda d: edit_config(d, init_lora_weights="pissa"), ValueError, "changes the base"),
     "bad r": (lambda d: edit_config(d, r=0), ValueError, "LoRAConfig.rank=0"),
-    "r not the tensors'": (lambda d: edit_config(d, r=2), ValueError, "with r = 2"),
+    "r not the tensors'": (lambda d: edit_config(d, r=2), ValueError, "r = 2, has"),
     "corrupt weights": (lambda d: (d / "adapter_model.safetensors").write_bytes(b"\x07" * 40),
                         ValueError, "not a readable safetensors file"),
     "DoRA weights": (lambda d: edit_weights(d, lambda t: t.update(
         {"base_model.model.blocks.0.attn.q.lora_magnitude_vector": torch.ones(18)})),
         ValueError, "lora_magnitude_vector is not a LoRA weight"),
-    "lone lora_A": (lambda d: edit_weights(d, lambda t: t.pop("base_model.model.blocks.0.attn.q.lora_B.weight")),
-                    ValueError, "blocks.0.attn.q needs lora_A"),
+    "lone lora_A": (lambda d: edit_weights(d, lambda t: t.pop(
+        "base_model.model.blocks.0.attn.q.lora_B.weight")), ValueError, "blocks.0.attn.q needs lora_A"),
     "module not found": (lambda d: edit_weights(d, rename("blocks.1.attn.v", "blocks.7.attn.v")),
                          ValueError, "adapts blocks.7.attn.v, which this model does not have"),
     "not a linear": (lambda d: edit_weights(d, rename("blocks.1.attn.v", "blocks.1.ln_1")),
