@@ -192,12 +192,12 @@ def from_loras(model: nn.Module, loras: list, cfg: MoAConfig | None = None) -> l
     alpha and targets come from them, routing and the router settings from cfg. Returns the layers."""
     if not loras:
         raise ValueError("from_loras: needs at least one LoRA, as a (config, state) pair")
-    def signature(lora):                                  # what must agree for LoRAs to stack
-        c, state = lora
+
+    def signature(c, state):                              # what must agree for LoRAs to stack
         return c.rank, c.alpha, {k: tuple(t.shape) for k, t in state.items()}
-    (cfg0, state0), first = loras[0], signature(loras[0])
+    (cfg0, state0), first = loras[0], signature(*loras[0])
     for j, (c, state) in enumerate(loras):
-        if signature((c, state)) != first:
+        if signature(c, state) != first:
             raise ValueError(f"from_loras: LoRA {j} (rank {c.rank}, alpha {c.alpha}, {len(state)} "
                              f"tensors) differs from LoRA 0 (rank {cfg0.rank}, alpha {cfg0.alpha}, "
                              f"{len(state0)} tensors): a MoA stacks LoRAs of one rank and alpha on "
