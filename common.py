@@ -231,30 +231,59 @@ def aux_loss(model: nn.Module) -> torch.Tensor | float:
 # ----------------------------------------------------------------------------- injection
 
 
+class Conv1DLinear(nn.Linear):
+    """transformers' GPT-2 Conv1D (weight (I, O), y = x W + b) as the nn.Linear it equals, so that
+    every adapted layer sees one kind of base. Its weight is the (O, I) transposed view of the
+    Conv1D's and its bias the same Parameter: nothing is copied, a large base does not grow in
+    memory. (The model's state dict then holds that weight as (O, I).)"""
+
+    def __init__(self, conv: nn.Module):
+        I, O = conv.weight.shape
+        super().__init__(I, O, bias=False, device="meta")                        # allocates nothing
+        self.weight = nn.Parameter(conv.weight.detach().T, requires_grad=False)   # (O, I), a view
+        self.bias = conv.bias                                                     # (O,) or None
+
+
+def as_linear(module: nn.Module) -> nn.Linear | None:
+    """What inject adapts: an nn.Linear itself; a GPT-2 Conv1D, recognised without importing
+    transformers by its class name, its weight (I, O) and bias (O), as a Conv1DLinear; else None."""
+    if isinstance(module, nn.Linear):
+        return module
+    w, b = getattr(module, "weight", None), getattr(module, "bias", None)
+    if (type(module).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and w.dim() == 2
+            and (b is None or tuple(b.shape) == (w.shape[1],))):
+        return Conv1DLinear(module)
+    return None
+
+
 def inject(model: nn.Module, layer_factory: Callable[[nn.Linear, str], nn.Module],
            targets: tuple[str, ...]) -> list[nn.Module]:
-    """Replace every nn.Linear whose attribute name is in `targets` (e.g. ("q", "v")) by
-    layer_factory(linear, full_name), freeze everything else, and return the new layers in
-    model order. The factory gets the full name (e.g. "blocks.3.attn.q") for per-layer configs."""
+    """Replace every nn.Linear or GPT-2 Conv1D (as_linear) named by `targets` by
+    layer_factory(linear, full_name), freeze everything else, and return the new layers in model
+    order. A target names a module as PEFT's target_modules do: by its own name ("q", "q_proj",
+    "c_attn") or by a dotted tail of its full name, up to the whole name. The factory gets the full
+    name (e.g. "blocks.3.attn.q") for per-layer configs (layer_config)."""
     model.requires_grad_(False)
-    found = [(name, mod) for name, mod in model.named_modules()
-             if isinstance(mod, nn.Linear) and name.rsplit(".", 1)[-1] in targets]
+    found = [(name, mod, linear) for name, mod in model.named_modules()
+             if any(name == t or name.endswith(f".{t}") for t in targets)
+             and (linear := as_linear(mod)) is not None]
     if not found:
-        raise ValueError(f"inject: no nn.Linear named any of {list(targets)} in the model")
+        raise ValueError(f"inject: no nn.Linear or Conv1D named any of {list(targets)} in the model")
     layers = []
-    for name, linear in found:
+    for name, mod, linear in found:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        layer = layer_factory(linear, name)
+        layer = layer_factory(linear, name).train(mod.training)   # the model's train/eval mode
         setattr(parent, attr, layer)
         layers.append(layer)
     return layers
 
 
 def layer_config(cfg, name: str, depth: int):
-    """The config of the adapted linear `name` (e.g. "blocks.3.attn.q") in a model of `depth`
-    blocks: cfg.for_layer(3, depth) for a method whose settings vary with depth (MoSLD's experts
-    per layer), else cfg itself. The block index is the first all-digit part of the name."""
+    """The config of the adapted linear `name` in a model of `depth` blocks: cfg.for_layer(3, depth)
+    for "blocks.3.attn.q", "model.layers.3.self_attn.q_proj" (Llama) or "transformer.h.3.attn.c_attn"
+    (GPT-2) when a method's settings vary with depth (MoSLD's experts per layer), else cfg itself.
+    The block index is the first all-digit part of the name."""
     if not hasattr(cfg, "for_layer"):
         return cfg
     index = next((int(part) for part in name.split(".") if part.isdigit()), 0)
@@ -392,7 +421,7 @@ def base_hash(model: nn.Module) -> str:
     """sha256 of the frozen base model: the name (as before inject), shape, dtype and bytes of every
     state-dict tensor outside the adapters, in name order. The same before and after inject and on
     any device; an adapter records it so that it is never loaded onto another base."""
-    adapted = [f"{n}." if n else "" for n, m in model.named_modules() if isinstance(m, AdaptedLinear)]
+    adapted = {f"{n}." if n else "": m for n, m in model.named_modules() if isinstance(m, AdaptedLinear)}
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         prefix = next((a for a in adapted if name.startswith(a)), None)
@@ -400,6 +429,8 @@ def base_hash(model: nn.Module) -> str:
             if not name.startswith(prefix + "base."):          # the adapter itself, skip
                 continue
             name = prefix + name[len(prefix) + len("base."):]  # its frozen base, pre-inject name
+            if isinstance(adapted[prefix].base, Conv1DLinear) and name.endswith(".weight"):
+                t = t.T                                        # GPT-2's own (I, O) layout
         h.update(f"{name} {tuple(t.shape)} {t.dtype};".encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()

@@ -17,7 +17,9 @@ sequence's A and B and uses batched matmuls, one LoRA's work per token (dispatch
 one-hot gates would do E times that); forward_naive is the loop over experts with one-hot gates.
 Option routing="token" (docs/interpretations.md): a soft softmax router per token, trained with the
 LM loss plus each token's CE against its sequence's domain, and used as weights at inference.
-For a fixed domain, `merge` folds B_j A_j into W0 (serving one domain, as MOELoRA merges a task).
+For a fixed domain, `merge` folds B_j A_j into W0 (serving one domain, as MOELoRA merges a task),
+and `extract_domain` makes LoRA j a plain LoRA layer again (for lora.save_peft). `from_loras`
+builds a MoA from LoRAs trained elsewhere (lora.read_peft), leaving only the routers to train.
 
 Not included: stage 2 fine-tuning of the LoRAs (the paper does not settle it); LoRA dropout.
 Deviations (all unverified design choices): one router per adapted linear reading
@@ -26,14 +28,15 @@ does not scale with depth. With gold routing and frozen LoRAs the LM loss has no
 stage 2: only the CE trains the routers there.
 """
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (AdaptedLinear, Router, Stage, check_config, check_field, dispatch_naive, is_real,
-                    lora_uniform_, route, stage_mode)
+from common import (AdaptedLinear, Router, Stage, check_config, check_field, dispatch_naive, inject,
+                    is_int, is_real, lora_uniform_, route, stage_mode)
 
 
 @dataclass
@@ -128,16 +131,78 @@ class MoALinear(AdaptedLinear):
         return self.scaling * self.lora_B[j] @ self.lora_A[j]       # (O, r) @ (r, I) -> (O, I)
 
 
+def _replace_layers(model: nn.Module, make: Callable[[MoALinear, str], nn.Module]) -> nn.Module:
+    """Every MoALinear `layer` named `name` becomes make(layer, name). In place; returns the model."""
+    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, MoALinear)]:
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, make(layer, name))
+    return model
+
+
 def merge(model: nn.Module, j: int) -> nn.Module:
     """Serve domain j alone: every MoALinear becomes a plain nn.Linear with W0 + (alpha/r) B_j A_j.
     In place; returns the model."""
-    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, MoALinear)]:
-        merged = copy.deepcopy(layer.base)
+    def merged(layer, name):
+        linear = copy.deepcopy(layer.base)
         with torch.no_grad():
-            merged.weight += layer.delta_weight(j).to(merged.weight.dtype)
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, merged)
-    return model
+            linear.weight += layer.delta_weight(j).to(linear.weight.dtype)
+        return linear
+    return _replace_layers(model, merged)
+
+
+def extract_domain(model: nn.Module, j: int, layer_factory: Callable[[nn.Module, str], nn.Module]):
+    """Serve domain j alone, unmerged: every MoALinear becomes layer_factory(base, name), a single
+    LoRA layer with lora_A (r, I), lora_B (O, r) and this MoA's scaling, holding a copy of LoRA j,
+    on the MoA's device and dtype. With lora.LoRALinear and LoRAConfig(rank, alpha) of the MoA as
+    the factory, lora.save_peft then writes domain j for PEFT. (The factory keeps this file free of
+    lora.py, as inject's.) In place; returns the model."""
+    E = next((m.lora_A.shape[0] for m in model.modules() if isinstance(m, MoALinear)), 0)
+    check_field("extract_domain", "j", j, is_int(j) and 0 <= j < E, f"a domain in 0..{E - 1}")
+
+    def single(layer, name):
+        lora = layer_factory(layer.base, name).to(layer.lora_A)
+        want = (tuple(layer.lora_A.shape[1:]), tuple(layer.lora_B.shape[1:]), layer.scaling)
+        have = (tuple(lora.lora_A.shape), tuple(lora.lora_B.shape), lora.scaling)
+        if have != want:
+            raise ValueError(f"extract_domain: {name}: the factory's layer has lora_A, lora_B, scaling "
+                             f"{have}, the MoA's LoRA {want}: build it with the MoA's rank and alpha")
+        with torch.no_grad():
+            lora.lora_A.copy_(layer.lora_A[j])                      # (r, I)
+            lora.lora_B.copy_(layer.lora_B[j])                      # (O, r)
+        return lora
+    return _replace_layers(model, single)
+
+
+def from_loras(model: nn.Module, loras: list, cfg: MoAConfig | None = None) -> list:
+    """A MoA built from trained LoRAs, LoRA j for domain j (stage 1 done elsewhere, e.g. in PEFT):
+    injects MoALinear layers where the LoRAs adapt, copies them in and freezes them, so that only
+    the routers train (stage 2). loras: (config, state) pairs as lora.read_peft(directory, model)
+    returns them, the config with .rank and .alpha, the state {"<module path>.lora_A": (r, I),
+    "<module path>.lora_B": (O, r)}. They must share rank, alpha and modules; num_domains, rank,
+    alpha and targets come from them, routing and the router settings from cfg. Returns the layers."""
+    if not loras:
+        raise ValueError("from_loras: needs at least one LoRA, as a (config, state) pair")
+
+    def signature(c, state):                              # what must agree for LoRAs to stack
+        return c.rank, c.alpha, {k: tuple(t.shape) for k, t in state.items()}
+    (cfg0, state0), first = loras[0], signature(*loras[0])
+    for j, (c, state) in enumerate(loras):
+        if signature(c, state) != first:
+            raise ValueError(f"from_loras: LoRA {j} (rank {c.rank}, alpha {c.alpha}, {len(state)} "
+                             f"tensors) differs from LoRA 0 (rank {cfg0.rank}, alpha {cfg0.alpha}, "
+                             f"{len(state0)} tensors): a MoA stacks LoRAs of one rank and alpha on "
+                             f"the same modules")
+    modules = tuple(sorted({k.rpartition(".")[0] for k in state0}))
+    cfg = replace(cfg or MoAConfig(), num_domains=len(loras), rank=cfg0.rank, alpha=cfg0.alpha,
+                  targets=modules)
+    layers = inject(model, lambda linear, name: MoALinear(linear, cfg).to(linear.weight), modules)
+    with torch.no_grad():
+        for name in modules:
+            layer = model.get_submodule(name)
+            for part in ("lora_A", "lora_B"):                       # (E, r, I), (E, O, r)
+                getattr(layer, part).copy_(torch.stack([s[f"{name}.{part}"] for _, s in loras]))
+                getattr(layer, part).requires_grad_(False)
+    return layers
 
 
 def moa_num_params(I: int, O: int, cfg: MoAConfig, part: str = "total") -> int:

@@ -256,8 +256,19 @@ def test_inject_swaps_targets_and_freezes_the_rest():
     assert count_trainable(model) == 4 * molora_num_params(16, 16, MoLoRAConfig(num_experts=3, rank=2))
 
 
+def test_inject_targets_match_a_dotted_tail_of_the_name_as_peft():
+    """"q" and "attn.q" name both blocks' q; the full name "blocks.1.attn.q" only that one."""
+    def names(targets):
+        model = tiny_gpt()
+        inject(model, lambda lin, name: LoRALinear(lin, LoRAConfig(rank=2)), targets)
+        return [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    assert names(("q",)) == names(("attn.q",)) == ["blocks.0.attn.q", "blocks.1.attn.q"]
+    assert names(("blocks.1.attn.q", "up")) == ["blocks.0.mlp.up", "blocks.1.attn.q", "blocks.1.mlp.up"]
+    assert names(("ttn.q", "k")) == ["blocks.0.attn.k", "blocks.1.attn.k"]      # whole parts only
+
+
 def test_inject_without_match_raises():
-    with pytest.raises(ValueError, match="no nn.Linear named"):
+    with pytest.raises(ValueError, match="no nn.Linear or Conv1D named"):
         inject(tiny_gpt(), lambda lin, name: lin, ("nope",))
 
 
