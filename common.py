@@ -1,6 +1,5 @@
-"""What the mixture-of-LoRA methods share: the router, top-k gating, the balancing loss, the two
-dispatch functions (naive loop and fused), the adapted-layer base class, injection into a model,
-config checks, training stages and adapter save/load.
+"""What the mixture-of-LoRA methods share: routing, the dispatch of experts, the adapted-layer
+base class, injection into a model, config checks, training stages and adapter save/load.
 
 Shape legend, used in every file of this repo:
 
@@ -13,12 +12,11 @@ MoDULA-Res), and a layer mixes them with per-token gates g (N, E) from a router:
     g(x) = TopK_K(softmax(W_g x))  (renormalised or not; K = E is soft routing)
     y    = W0 x + scaling * sum_e g_e(x) * B_e act(A_e x)
 
-A is either per expert (E, r, I) or shared by all experts (r, I) (MoSLD, MALoRA); with a shared A,
-x A^T is computed once per token. Read top to bottom: `gate` and `Router` state the routing,
-`dispatch_naive` the mixture as a loop, `dispatch_fused` the same maths as two matmuls. fast.py
-holds the quicker versions of the same steps (written-out gating backward, CPU top-k, the router
-folded into the x A^T matmul, the grouped path for large E / K); the tests check each against the
-plain one here.
+A is per expert (E, r, I) or shared by all experts (r, I) (MoSLD, MALoRA: x A^T once per token).
+Read top to bottom: `gate` and `Router` state the routing, `dispatch_naive` the mixture as a loop,
+`dispatch_fused` the same maths as two matmuls. fast.py holds quicker versions of these steps
+(gating backward written out, CPU top-k, router folded into x A^T, grouped path for large E / K),
+each tested against the plain one here.
 
 Not included: expert parallelism, capacity factors and token dropping, quantised bases,
 several adapters per layer.
@@ -71,8 +69,7 @@ def load_balance_loss(probs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Switch balancing loss, E * sum_e f_e * P_e (Fedus et al. 2021, Eq. 4).
 
     f_e: share of the (token, slot) picks that go to expert e.  P_e: mean router probability of e.
-    Equals 1 when routing is perfectly uniform; at most E / K, when every token puts all its
-    probability on the same K experts (E with top-1).
+    1 when routing is uniform; E / K when every token puts all its mass on the same K experts.
     """
     N, E = probs.shape
     picks = torch.zeros_like(probs).scatter(-1, idx, 1.0)          # (N, E), K ones per row
@@ -85,14 +82,12 @@ class Router(nn.Module):
     """The router of every method here: a bias-free W_g (E, I), N(0, 0.02^2) as in the MoLoRA
     code; softmax in float32 at least; the top K, renormalised or not; top_k None is soft routing.
 
-    `router(x)` (N, I) -> gates (N, E), the same as route(x, router, K)[2] (computed by fast.gate:
-    top-k with its backward written out). Each call keeps `idx` (N, K) (None when soft) and
-    `balance_loss`, the Switch loss of the call (None when soft: the original MoLoRA has none).
-    Opt-in, `router(x, fold=A, dispatch=dispatch)`: a layer whose experts read the same x passes
-    their input side A (E, r, I) or (r, I) and its dispatch; when that dispatch takes x A^T
-    (its `takes_xa(x, E, K)` says so: fused yes, the loop and the grouped path no), W_g x is
-    formed in the x A^T matmul (fast.fold_router) and x A^T is kept in `xa` for it. Never for
-    bf16/fp16 x (the logits stay float32). Otherwise `xa` is None.
+    `router(x)` (N, I) -> gates (N, E), as route(x, router, K)[2] (by fast.gate, whose top-k
+    backward is written out). Keeps `idx` (N, K) and `balance_loss`, the Switch loss of the call
+    (both None when soft: the original MoLoRA has no loss). Opt-in, `router(x, fold=A,
+    dispatch=d)`: when the experts read the same x and d takes x A^T (d.takes_xa: fused yes,
+    loop and grouped no), W_g x rides in the x A^T matmul (fast.fold_router) and `xa` keeps
+    x A^T for d; never for bf16/fp16 x (logits stay float32). Else `xa` is None.
     """
 
     def __init__(self, in_features: int, num_experts: int, top_k: int | None = None,
@@ -142,11 +137,10 @@ def dispatch_naive(x, A, B, gates, scaling, act: Callable | None = None, idx=Non
 def dispatch_fused(x, A, B, gates, scaling, act: Callable | None = None, idx=None, xa=None):
     """Same maths as dispatch_naive with no loop over experts: (N, E*r) @ (E*r, O).
 
-    The gate product is formed in float32 (gates come from a float32 softmax) and rounded once to
-    the compute dtype before the second matmul, so bf16/fp16 inputs lose nothing in the mixing.
-    No .item(), no data-dependent shapes: torch.compile(fullgraph=True) captures it whole.
-    `scaling` multiplies the (N, E) gates rather than the (N, O) output: the same product.
-    """
+    The gated h is formed in float32 (the gates' dtype) and rounded once to x's dtype before the
+    second matmul, so bf16 inputs lose nothing in the mixing. No .item(), no data-dependent
+    shapes: torch.compile(fullgraph=True) captures it whole. `scaling` multiplies the (N, E) gates
+    rather than the (N, O) output: the same product, fewer multiplies."""
     N, (E, O, r) = x.shape[0], B.shape
     if xa is None:
         xa = x @ A.reshape(-1, A.shape[-1]).T                      # (N, E*r) or (N, r): x A_e^T
@@ -159,10 +153,9 @@ def dispatch_fused(x, A, B, gates, scaling, act: Callable | None = None, idx=Non
 
 
 def dispatch_auto(x, A, B, gates, scaling, act: Callable | None = None, idx=None, xa=None):
-    """dispatch_fused, or fast.dispatch_grouped when routing is top-k (idx given) and E / K is at
-    least the crossover measured for this device type (fast.GROUPED_FROM_E_OVER_K). The path
-    every layer's forward takes. On CPU the grouped path reads a block size back to the host, so
-    torch.compile(fullgraph=True) of a layer holds only below the crossover."""
+    """dispatch_fused, or fast.dispatch_grouped when routing is top-k (idx given) and E / K is past
+    the crossover measured for this device type (fast.GROUPED_FROM_E_OVER_K): every layer's
+    forward. The grouped path compiles whole only with torch._grouped_mm (fast.has_grouped_mm)."""
     E, K = B.shape[0], idx.shape[1] if idx is not None else B.shape[0]
     if fast.grouped_pays(x.device.type, E, K):
         return fast.dispatch_grouped(x, A, B, gates, scaling, act, idx, xa)
@@ -172,8 +165,7 @@ def dispatch_auto(x, A, B, gates, scaling, act: Callable | None = None, idx=None
 dispatch_fused.takes_xa = lambda x, E, K: True                     # see Router's fold
 dispatch_auto.takes_xa = lambda x, E, K: not fast.grouped_pays(x.device.type, E, K)
 
-# fullgraph=True is safe: no branch on tensor values and no .item(), so dispatch is one graph.
-# Compiling is lazy: nothing happens until the first call, on the device of its inputs.
+# fullgraph=True is safe: no branch on tensor values and no .item(). Lazy: compiles at first call.
 dispatch_compiled = torch.compile(dispatch_fused, fullgraph=True, dynamic=False)
 dispatch_compiled.takes_xa = dispatch_fused.takes_xa
 
@@ -185,11 +177,9 @@ class AdaptedLinear(nn.Module):
     """A frozen nn.Linear plus an update. Subclasses define `update(x, dispatch) -> (N, O)`, the
     one place a method's maths lives.
 
-    `forward` runs `update` with dispatch_auto, `forward_naive` with the loop, so the paths share
-    every line except the dispatch, and a test comparing them compares only that. x reaches
-    `update` as (N, I); a layer with `sequence_input = True` (MoA routes per sequence) gets
-    (B, T, I) instead and returns (B, T, O). A layer whose `router` is a Router has the balancing
-    loss of its last forward in `aux`, for `aux_loss(model)` to collect.
+    `forward` runs `update` with dispatch_auto, `forward_naive` with the loop: the paths share every
+    line but the dispatch. `update` gets x as (N, I), or as (B, T, I) with `sequence_input` (MoA
+    routes per sequence). A Router's balancing loss of the last forward is in `aux`.
     """
     sequence_input = False
 
@@ -199,11 +189,8 @@ class AdaptedLinear(nn.Module):
         self.aux_loss_coef = aux_loss_coef
 
     def _run(self, x, dispatch):
-        if self.sequence_input:                                    # (..., T, I) -> (B, T, I)
-            xs = x.reshape(-1, *x.shape[-2:]) if x.dim() >= 2 else x.view(1, 1, -1)
-        else:
-            xs = x.reshape(-1, x.shape[-1])                        # (N, I)
-        dy = self.update(xs, dispatch)                             # (N, O) or (B, T, O)
+        seq = x.reshape(-1, *x.shape[-2:]) if x.dim() >= 2 else x.view(1, 1, -1)   # (B, T, I)
+        dy = self.update(seq if self.sequence_input else x.reshape(-1, x.shape[-1]), dispatch)
         return self.base(x) + dy.reshape(*x.shape[:-1], -1).to(x.dtype)
 
     @property
@@ -220,9 +207,8 @@ class AdaptedLinear(nn.Module):
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor | float:
-    """Mean over adapted layers that keep one of aux_loss_coef * that layer's balancing loss
-    (the layers averaged, so the coefficient does not scale with depth). 0.0 when no layer has
-    one (soft MoLoRA, LoRA)."""
+    """Mean over the adapted layers that have one of aux_loss_coef * balancing loss (averaged, so
+    the coefficient does not scale with depth); 0.0 when none has one (soft MoLoRA, LoRA)."""
     losses = [m.aux_loss_coef * m.aux for m in model.modules()
               if isinstance(m, AdaptedLinear) and m.aux is not None and m.aux_loss_coef > 0]
     return torch.stack(losses).mean() if losses else 0.0
@@ -316,16 +302,12 @@ _KINDS = {int: (is_int, "an integer"), float: (is_real, "a finite number"),   # 
           str: (lambda v: isinstance(v, str), "a string"),
           tuple: (lambda v: isinstance(v, tuple), "a list"),
           type(None): (lambda v: v is None, "null")}
-_AT_LEAST_1 = (lambda v: v >= 1, "an integer >= 1")
-_POSITIVE, _NON_NEGATIVE = (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0")
-_PROBABILITY = (lambda v: 0 <= v < 1, "in [0, 1)")
-BOUNDS = {  # field name -> (test, what is allowed), for every config that has the field
-    "num_experts": _AT_LEAST_1, "num_domains": _AT_LEAST_1, "rank": _AT_LEAST_1,
-    "universal_rank": _AT_LEAST_1, "domain_rank": _AT_LEAST_1, "prompt_len": _AT_LEAST_1,
-    "alpha": _POSITIVE, "beta": _POSITIVE, "aux_loss_coef": _NON_NEGATIVE,
-    "negative_slope": _NON_NEGATIVE, "dropout": _PROBABILITY, "drop_a": _PROBABILITY,
-    "drop_b": _PROBABILITY,
-}
+_BOUND_KINDS = {"count": (lambda v: v >= 1, "an integer >= 1"), "positive": (lambda v: v > 0, "> 0"),
+                "non-negative": (lambda v: v >= 0, ">= 0"), "p": (lambda v: 0 <= v < 1, "in [0, 1)")}
+BOUNDS = {name: _BOUND_KINDS[kind] for kind, names in {   # field -> (test, allowed), in every config
+    "count": ("num_experts", "num_domains", "rank", "universal_rank", "domain_rank", "prompt_len"),
+    "positive": ("alpha", "beta"), "non-negative": ("aux_loss_coef", "negative_slope"),
+    "p": ("dropout", "drop_a", "drop_b")}.items() for name in names}
 
 
 def check_config(cfg):
@@ -418,9 +400,9 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def base_hash(model: nn.Module) -> str:
-    """sha256 of the frozen base model: the name (as before inject), shape, dtype and bytes of every
-    state-dict tensor outside the adapters, in name order. The same before and after inject and on
-    any device; an adapter records it so that it is never loaded onto another base."""
+    """sha256 of the frozen base: name (as before inject), shape, dtype and bytes of every tensor
+    outside the adapters. The same before and after inject and on any device; an adapter records
+    it, so that it is never loaded onto another base."""
     adapted = {f"{n}." if n else "": m for n, m in model.named_modules() if isinstance(m, AdaptedLinear)}
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
@@ -486,8 +468,7 @@ def adapter_meta(path: str) -> dict:
 def load_adapter_state(model: nn.Module, saved: dict, where: str):
     """Copy adapter tensors (names as adapter_state_dict) into an injected model. Every name and
     shape is checked before the first copy, so a mismatch leaves the model untouched."""
-    own = dict(model.named_parameters())
-    expected = adapter_state_dict(model)
+    own, expected = dict(model.named_parameters()), adapter_state_dict(model)
     missing, unexpected = expected.keys() - saved.keys(), saved.keys() - expected.keys()
     if missing or unexpected:
         raise ValueError(f"{where}: adapter does not fit this model (missing {sorted(missing)[:3]}, "
