@@ -10,18 +10,11 @@ import fast
 from common import (aux_loss, count_trainable, dispatch_fused, dispatch_naive, inject, load_adapter,
                     load_balance_loss, route, save_adapter)
 from gpt import GPT, GPTConfig
+from layer_checks import out_and_grads
 from lora import LoRAConfig, LoRALinear, lora_num_params
 from molora import MoLoRAConfig, MoLoRALinear, molora_num_params
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-def out_and_grads(layer, fn, x, dy):
-    """Output and the gradients of x and of every trainable parameter, for one path."""
-    x = x.clone().requires_grad_()
-    y = fn(x)
-    params = [p for p in layer.parameters() if p.requires_grad]
-    return [y, *torch.autograd.grad(y, [x, *params], dy)]
 
 
 def assert_paths_match(layer, x, dy, **tol):

@@ -1,10 +1,6 @@
 """MALoRA: fused vs naive (outputs and every gradient), the SVD init with beta, the zero update at
 init, the lambda relation, config errors, and a tiny train.py run."""
-import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,8 +10,8 @@ from common import lora_uniform_
 from layer_checks import (assert_compiles_whole, assert_delta_weights_match_forward, assert_paths_match,
                           assert_zero_update)
 from malora import MALORA_SMALL, MALoRAConfig, MALoRALinear, malora_num_params
+from trainproc import train_in
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make(I=37, O=53, E=5, K=2, r=4, S=9, seed=0, **kw):
@@ -101,13 +97,9 @@ def test_shared_rank_must_fit_the_layer():
 
 
 def test_train_smoke(tmp_path):
-    cmd = [sys.executable, os.path.join(REPO, "train.py"), "--method", "malora", "--variant", "small",
-           "--steps", "5", "--pretrain-steps", "5", "--n-layer", "1", "--n-embd", "32",
-           "--batch-size", "8", "--eval-examples", "10", "--digits", "3", "--out", str(tmp_path / "run")]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr
-    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    m = train_in(tmp_path, "--method", "malora", "--variant", "small", "--steps", "5",
+                 "--pretrain-steps", "5", "--n-layer", "1", "--n-embd", "32", "--batch-size", "8",
+                 "--eval-examples", "10", "--digits", "3")
     cfg = MALoRAConfig(**MALORA_SMALL)                 # q, k, v (32 -> 32), up (32 -> 128), down (128 -> 32)
     expect = 3 * malora_num_params(32, 32, cfg) + malora_num_params(32, 128, cfg) \
         + malora_num_params(128, 32, cfg)

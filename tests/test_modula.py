@@ -1,8 +1,6 @@
 """Tests for modula.py: fused vs naive, zero update at init, parameter formulas (MoDULA §3),
 config errors, what each stage changes, adding a domain, and the stages run from train.py."""
-import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -17,8 +15,8 @@ from gpt import GPT, GPTConfig  # noqa: E402
 from layer_checks import assert_paths_match  # noqa: E402
 from modula import (UNIVERSAL, MoDULAConfig, MoDULALinear, modula_num_params,  # noqa: E402
                     modula_stages)
+from trainproc import train_in  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 L = 2                                                # digits: sequences of T = 2L+2 = 6 tokens
 TINY_TRAIN = ["--steps", "10", "--pretrain-steps", "5", "--n-layer", "1", "--n-embd", "32",
               "--batch-size", "8", "--eval-examples", "10", "--digits", "3"]
@@ -190,12 +188,7 @@ def test_adding_a_domain_leaves_old_experts_bit_identical(variant):
 
 
 def run_train(tmp_path, *args, out):
-    cmd = [sys.executable, os.path.join(REPO, "train.py"), *args, *TINY_TRAIN,
-           "--out", str(tmp_path / out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads((tmp_path / out / "metrics.json").read_text())
+    return train_in(tmp_path, *args, *TINY_TRAIN, out=out)
 
 
 def test_train_py_runs_the_stages_and_adds_a_domain(tmp_path):

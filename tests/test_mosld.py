@@ -1,10 +1,6 @@
 """MoSLD: fused vs naive (outputs and every gradient), DropConnect on the shared A, per-layer
 expert counts, the zero update at init, config errors, and a tiny train.py run."""
-import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,8 +10,8 @@ from common import dispatch_fused, route
 from layer_checks import (assert_compiles_whole, assert_delta_weights_match_forward, assert_paths_match,
                           assert_zero_update)
 from mosld import MoSLDConfig, MoSLDLinear, mosld_num_params
+from trainproc import train_in
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make(I=37, O=53, E=5, K=2, r=4, seed=0, **kw):
@@ -131,12 +127,8 @@ def test_config_errors_name_the_field(bad):
 
 def test_train_smoke(tmp_path):
     """Two blocks get (8, 6, 4, 2) scaled to depth 2: 8 experts, then 4; the count must match."""
-    cmd = [sys.executable, os.path.join(REPO, "train.py"), "--method", "mosld", "--steps", "5",
-           "--pretrain-steps", "5", "--n-layer", "2", "--n-embd", "32", "--batch-size", "8",
-           "--eval-examples", "10", "--digits", "3", "--out", str(tmp_path / "run")]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr
-    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    m = train_in(tmp_path, "--method", "mosld", "--steps", "5", "--pretrain-steps", "5",
+                 "--n-layer", "2", "--n-embd", "32", "--batch-size", "8", "--eval-examples", "10",
+                 "--digits", "3")
     cfg = MoSLDConfig()
     assert m["trainable_params"] == 2 * sum(mosld_num_params(32, 32, cfg.for_layer(i, 2)) for i in range(2))

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import dispatch_fused, dispatch_naive
+from layer_checks import out_and_grads as out_and_grads_layer
 from molora import MoLoRAConfig, MoLoRALinear
 
 pytest.importorskip("hypothesis")
@@ -37,14 +38,6 @@ def out_and_grads(fn, inputs, dy):
     return [y, *torch.autograd.grad(y, inputs, dy)]
 
 
-def layer_out_and_grads(layer, fn, x, dy):
-    """fn(x) and the gradients of x, lora_A, lora_B and router.weight."""
-    x = x.clone().requires_grad_()
-    y = fn(x)
-    params = [p for p in layer.parameters() if p.requires_grad]
-    return [y, *torch.autograd.grad(y, [x, *params], dy)]
-
-
 @SETTINGS
 @given(N=dims, I=dims, O=dims, E=st.integers(1, 6), r=st.integers(1, 5), dtype=dtypes,
        renormalize=st.booleans(), seed=st.integers(0, 2**31 - 1), data=st.data())
@@ -58,8 +51,8 @@ def test_molora_fused_matches_naive(N, I, O, E, r, dtype, renormalize, seed, dat
     nn.init.normal_(layer.lora_B, std=r ** -0.5)   # B = 0 would compare zeros
     nn.init.normal_(layer.router.weight)           # routing far from uniform: top-k matters
     x, dy = torch.randn(N, I, dtype=dtype), torch.randn(N, O, dtype=dtype)
-    assert_same(layer_out_and_grads(layer, layer.forward_naive, x, dy),
-                layer_out_and_grads(layer, layer.forward, x, dy), dtype)
+    assert_same(out_and_grads_layer(layer, layer.forward_naive, x, dy),
+                out_and_grads_layer(layer, layer.forward, x, dy), dtype)
 
 
 @SETTINGS

@@ -1,9 +1,10 @@
 """Run `python train.py ...` many times, cheaply: a helper for the tests, not a test.
 
-Each run is its own process, forked from one launcher that has imported train.py's modules once, so
-a run costs its own work rather than another `import torch` (seconds on a 2-core CI machine). The
-child runs train.py from its first line, as `python train.py ARGS` would: its own sys.argv, working
-folder, stdout and stderr, and the exit status the interpreter gives an uncaught SystemExit.
+Each run is its own process, forked from one launcher that has imported train.py once, so a run
+costs its own work rather than another `import torch` (seconds on a 2-core CI machine). The child
+calls train.main(ARGS) as `python train.py ARGS` would: its own working folder, stdout and stderr,
+and the exit status the interpreter gives an uncaught SystemExit. For what needs a process: exit
+codes, a kill in the middle of a run, several runs at once.
 """
 import json
 import os
@@ -14,8 +15,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(REPO, "train.py")
 
 LAUNCHER = r"""
-import json, os, runpy, sys, traceback
-import torch, tqdm, safetensors.torch, common, gpt, tasks, trainutil   # once, in the launcher
+import json, os, sys, traceback
+import torch, train                               # once, in the launcher
 runs, parallel = json.loads(sys.argv[1]), int(sys.argv[2])
 
 def child(run):
@@ -32,7 +33,7 @@ def child(run):
         torch.save = save_then_die
     sys.argv, code = run["argv"], 0
     try:
-        runpy.run_path(sys.argv[0], run_name="__main__")
+        train.main(sys.argv[1:])
     except SystemExit as e:                       # what the interpreter does with an uncaught one
         code = e.code if isinstance(e.code, int) else int(e.code is not None)
         if isinstance(e.code, str):
@@ -72,3 +73,16 @@ def run_train(tmp, runs: dict, kill_at: dict | None = None, parallel: int = 2) -
     codes = json.loads(proc.stdout)
     return {r["name"]: subprocess.CompletedProcess(r["argv"], codes[r["name"]], open(r["stdout"]).read(),
                                                    open(r["stderr"]).read()) for r in todo}
+
+
+def train_in(folder, *args, out="run") -> dict:
+    """train.main(ARGS --out folder/out) in this process, with `folder` as the working folder (the
+    cached base lands in folder/out/base); returns the run's metrics.json."""
+    import train
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        train.main([*map(str, args), "--out", str(folder / out)])
+    finally:
+        os.chdir(cwd)
+    return json.loads((folder / out / "metrics.json").read_text())
