@@ -9,7 +9,7 @@ For each (E, D) it times, side by side, round-robin, the median of --repeats aft
   frozen base       the frozen nn.Linear alone
   single LoRA E*r   lora.LoRALinear of rank E*r: dense routing's GEMM work with no router, the floor
   router            common.Router + balancing loss alone (part of every method row below)
-and for each method (MoLoRA, MoSLD, MALoRA, MoDULA-Flan and -Res, soft over its domain experts):
+and for each method (MoLoRA, MoSLD, MALoRA, MoDULA-Flan and -Res, soft over its domain experts, MoA):
   fused             common.dispatch_fused: the path layer(x) takes below the E / K crossover
   naive dense       layer.forward_naive(x): the loop over experts, every expert on every token
   naive sparse      each expert on its routed tokens only, index_add back (MixLoRA-style, below)
@@ -21,9 +21,10 @@ saved MiB: memory, what the forward keeps for the backward (activations), adapte
 the same on every device (autograd's saved-tensor hooks), so it is measured once, not timed.
 x requires grad, as inside a model, so every row also computes dL/dx.
 
-Not included: MoA (routed per sequence, (B, T, I) inputs: one gathered LoRA per sequence, a
-single LoRA's work whatever E); the allocator's peak memory (saved MiB above is the part the
-method decides); a fused Triton kernel.
+MoA's rows treat the N tokens as N / 16 sequences of 16: its fused row gathers one LoRA per
+sequence (a single LoRA's work whatever E), its naive row loops over the E LoRAs.
+Not included: the allocator's peak memory (saved MiB above is the part the method decides); a
+fused Triton kernel.
 """
 import argparse
 import copy
@@ -44,6 +45,7 @@ from fast import dispatch_grouped
 from gpt import GPT, GPTConfig
 from lora import LoRAConfig, LoRALinear
 from malora import MALoRAConfig, MALoRALinear
+from moa import MoAConfig, MoALinear
 from modula import MoDULAConfig, MoDULALinear
 from molora import MoLoRAConfig, MoLoRALinear
 from mosld import MoSLDConfig, MoSLDLinear
@@ -63,8 +65,11 @@ METHODS = {
                     lambda C, E, r, K: C(variant="flan", num_domains=E, domain_rank=r, universal_rank=2 * r)),
     "modula-res": (MoDULALinear, MoDULAConfig,
                    lambda C, E, r, K: C(variant="res", num_domains=E, domain_rank=r, universal_rank=2 * r)),
+    # MoA routes per sequence: the N tokens are N / 16 sequences of 16, one LoRA each (gathered)
+    "moa": (MoALinear, MoAConfig, lambda C, E, r, K: C(num_domains=E, rank=r)),
 }
-SOFT = {"modula-flan", "modula-res"}           # every expert on every token: no grouped path
+SOFT = {"modula-flan", "modula-res", "moa"}    # soft or one LoRA per sequence: no grouped path
+SEQ = 16                                       # MoA's sequence length in the layer rows
 FULL_EXPERTS, FULL_DIMS = [4, 8, 16, 32, 64], [256, 1024, 4096]
 GOAL_SETTING = ("cpu", "float32", 4096, 256, 8, 8, 2)   # device, dtype, N, D, E, r, K of the CPU goals
 GOALS = [                                      # (method, ratio, sign, bound, source)
@@ -88,7 +93,7 @@ p.add_argument("--rank", type=int, default=8, help="r, per expert (MoLoRA's; MAL
 p.add_argument("--top-k", type=int, default=2, help="K, experts kept per token")
 p.add_argument("--repeats", type=int, default=10, help="timed rounds; each row reports the median")
 p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
-p.add_argument("--methods", default="molora,mosld,malora,modula-flan,modula-res",
+p.add_argument("--methods", default="molora,mosld,malora,modula-flan,modula-res,moa",
                help="comma-separated, from: " + ", ".join(METHODS))
 p.add_argument("--full", action="store_true",
                help=f"sweep E in {FULL_EXPERTS} and D in {FULL_DIMS} (hours on a CPU: for a GPU)")
@@ -117,6 +122,8 @@ if min(args.tokens, args.rank, args.top_k, *args.dim, *args.experts, args.repeat
     sys.exit("bench.py: --tokens, --dim, --experts, --rank, --top-k and --repeats must be >= 1")
 if args.clock == "cpu" and (args.device == "cuda" or (args.threads or 1) != 1):
     sys.exit("bench.py: --clock cpu times one CPU thread: not with --device cuda or --threads above 1")
+if "moa" in args.methods.split(",") and args.tokens % SEQ:
+    sys.exit(f"bench.py: --tokens {args.tokens}: MoA's rows need a multiple of {SEQ} (sequences of {SEQ})")
 if args.top_k > min(args.experts):
     sys.exit(f"bench.py: --top-k {args.top_k} is more than the smallest --experts {min(args.experts)}")
 
@@ -298,7 +305,8 @@ def check_paths(name: str, layer: nn.Module, dispatches: dict, x):
         updates = {}
         for path, dispatch in dispatches.items():
             torch.manual_seed(args.seed)
-            updates[path] = layer.update(x, dispatch).float()      # (N, O)
+            xs = x.view(-1, SEQ, x.shape[-1]) if layer.sequence_input else x   # MoA: (N/SEQ, SEQ, I)
+            updates[path] = layer.update(xs, dispatch).reshape(x.shape[0], -1).float()   # (N, O)
     scale = updates["fused"].abs().max().item()
     for path, update in updates.items():
         err = (update - updates["fused"]).abs().max().item() / scale
@@ -336,8 +344,9 @@ def bench_layer(E: int, D: int) -> dict:
         for n, q in layer.named_parameters():                      # not zero: B = 0 hides wrong maths
             if n.endswith("_B"):                                   # (MoDULA-Res: h = 0 as well)
                 nn.init.normal_(q, std=0.02)
-        dispatches = {"fused": dispatch_fused, "naive dense": dispatch_naive,
-                      "naive sparse": dispatch_sparse_loop}
+        dispatches = {"fused": dispatch_fused, "naive dense": dispatch_naive}
+        if not layer.sequence_input:                               # MoA's fast path gathers, whatever
+            dispatches["naive sparse"] = dispatch_sparse_loop      # the dispatch: no sparse loop row
         if K < E and name not in SOFT:                             # soft routing has nothing to skip
             dispatches["grouped"] = dispatch_grouped
         if args.compile:                                           # compiled in check_paths, once
@@ -346,6 +355,8 @@ def bench_layer(E: int, D: int) -> dict:
         public = {"naive dense": layer.forward_naive}             # the layer's own loop
         for path, dispatch in dispatches.items():
             forward = public.get(path) or (lambda x, m=layer, d=dispatch: m._run(x, d))
+            if layer.sequence_input:                               # MoA: N / SEQ sequences of SEQ
+                forward = lambda x, f=forward: f(x.view(-1, SEQ, x.shape[-1])).flatten(0, 1)  # noqa: E731
             runs[(name, path)] = (layer, with_aux(layer, forward), dy)
     steps = {key: fwd_bwd(module, run, x, g) for key, (module, run, g) in runs.items()}
     ms = round_robin(steps)
