@@ -284,8 +284,9 @@ def ratios(rows: list, E: int) -> dict:
         if fused is None:
             continue
         out[name] = {"fused/single_lora": fused / lora,
-                     "naive_dense/fused": cost[(name, "naive dense")] / fused,
-                     "naive_sparse/fused": cost[(name, "naive sparse")] / fused}
+                     "naive_dense/fused": cost[(name, "naive dense")] / fused}
+        if (name, "naive sparse") in cost:
+            out[name]["naive_sparse/fused"] = cost[(name, "naive sparse")] / fused
         if (name, "grouped") in cost:
             out[name]["grouped/fused"] = cost[(name, "grouped")] / fused
         if (name, "fused compiled") in cost:
