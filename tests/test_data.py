@@ -33,6 +33,15 @@ def test_subst_is_a_permutation_and_tasks_conflict():
     assert len(set(answers.values())) == len(tasks.ALL_TASKS)  # no two tasks give the same map
 
 
+def hand_answer(task, d):
+    """Each task's definition, one digit at a time (positions i = 1..L)."""
+    perm = [3, 7, 0, 9, 4, 1, 8, 2, 6, 5]
+    rule = {"copy": lambda x, i: x, "add1": lambda x, i: (x + 1) % 10, "subst": lambda x, i: perm[x],
+            "neg": lambda x, i: 9 - x, "mul3": lambda x, i: 3 * x % 10,
+            "addpos": lambda x, i: (x + i) % 10}[task]
+    return [rule(x, i) for i, x in enumerate(d, start=1)]
+
+
 @pytest.mark.parametrize("task", tasks.ALL_TASKS)
 def test_sequence_layout(task):
     """[TASK] d_1 .. d_L [SEP] a_1 .. a_L [EOS], with P = L + 2 the prompt length."""
@@ -45,15 +54,6 @@ def test_sequence_layout(task):
     d, a = tokens[:, 1:L + 1], tokens[:, P:P + L]
     for row_d, row_a in zip(d.tolist(), a.tolist()):
         assert row_a == hand_answer(task, row_d)
-
-
-def hand_answer(task, d):
-    """Each task's definition, one digit at a time (positions i = 1..L)."""
-    perm = [3, 7, 0, 9, 4, 1, 8, 2, 6, 5]
-    rule = {"copy": lambda x, i: x, "add1": lambda x, i: (x + 1) % 10, "subst": lambda x, i: perm[x],
-            "neg": lambda x, i: 9 - x, "mul3": lambda x, i: 3 * x % 10,
-            "addpos": lambda x, i: (x + i) % 10}[task]
-    return [rule(x, i) for i, x in enumerate(d, start=1)]
 
 
 def test_mixed_batches_answer_each_row_by_its_own_task():

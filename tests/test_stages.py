@@ -25,7 +25,7 @@ from gpt import GPT, GPTConfig
 from lora import LoRAConfig
 from malora import MALORA_SMALL, MALoRAConfig
 from moa import MoAConfig, MoALinear, moa_stages
-from modula import MoDULAConfig, MoDULALinear, modula_stages
+from modula import UNIVERSAL, MoDULAConfig, MoDULALinear, modula_stages
 from molora import MoLoRAConfig
 from mosld import MoSLDConfig, MoSLDLinear
 from trainproc import run_train
@@ -61,7 +61,7 @@ def test_modula_plan(variant):
     for s in plan[1:-1]:
         assert same(s.params(layers), [p for m in layers for p in (m.lora_A, m.lora_B)])
     assert same(plan[-1].params(layers), [m.router.weight for m in layers])   # routers only
-    for s, active in zip(plan, [-1, 0, 1, 2, None]):                 # the forward of each stage
+    for s, active in zip(plan, [UNIVERSAL, 0, 1, 2, None]):                 # the forward of each stage
         s.setup(layers)
         assert all(m.active == active for m in layers), s.name
 
