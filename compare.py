@@ -1,14 +1,13 @@
-"""Compare every method under one budget: same base model, data, steps and seeds (issue 7).
+"""Compare every method under one budget: same base model, data, steps and seeds.
 
     python compare.py --quick        # 1 seed, short runs: the whole pipeline in a few minutes
     python compare.py                # 3 seeds, the full budget; then read results/RESULTS.md
 
 Every run is `python train.py ...` in a subprocess, exactly what a user gets, writing into
 <out>/runs/<run>/seed<k>/ (train.log, metrics.json, adapter). A run whose metrics.json is there and
-whose run.json holds the same command is skipped, so an interrupted comparison resumes. A run whose
-method, variant or flag train.py does not offer yet is skipped with a note.
+whose run.json holds the same command is skipped, so an interrupted comparison resumes.
 Writes <out>/results.json (every run), <out>/RESULTS.md (mean ± std over seeds; a verdict for each
-qualitative check of METHODS.md §8 beside the paper's numbers) and, with matplotlib, accuracy.png.
+qualitative claim of the papers beside the paper's numbers) and, with matplotlib, accuracy.png.
 
 Budget: every run gets the same --steps (a staged method runs each stage for the share of it that
 its config's stage_steps sets; each per-task LoRA gets steps / number of tasks, so it sees as many
@@ -17,7 +16,6 @@ so that every scaling alpha / r stays at the methods' default 2. All runs start 
 model, pretrained once (seed 0).
 """
 import argparse
-import ast
 import json
 import os
 import statistics
@@ -41,7 +39,7 @@ ROUTER4 = "[0.25,1.0,4.0]"     # MoDULA stage_steps with 4x the router steps of 
 MIX, PER_TASK, MATCHED = "LoRA, mixture", "LoRA, one per task", "MoLoRA top-2, parameters matched to MALoRA"
 OWN_A = "MoLoRA top-2, q/v, E=5 (own A per expert)"     # MoSLD's experts without the shared A ("MoLA")
 BUDGET_NOTE = """Why rank 2 by default, not the methods' own 8: on these tasks one rank-8 LoRA learns
-every digit map of the mixture in 300 steps (add1/subst/neg/mul3 at 99.7-100% in the issue-7
+every digit map of the mixture in 300 steps (add1/subst/neg/mul3 at 99.7-100% in a first
 investigation), so nothing interferes and all methods tie at the ceiling. At rank 2 one LoRA no
 longer holds the maps of all tasks, while a rank-2 LoRA per task still learns its own in a fifth of
 the steps: the interference the mixture methods are meant to remove (check 1 below). A task that no
@@ -74,7 +72,6 @@ class Run:
     steps_frac: float = 1.0    # share of --steps
     after: str | None = None   # the run whose adapter this one starts from (--init-adapter)
     task: str | None = None    # a one-task run: the task its row takes from it
-    needs: tuple = ()          # other methods it needs (for a parameter match)
     table: bool = True         # a row of the comparison table (False: an add-a-domain first half)
 
 
@@ -91,7 +88,7 @@ def budget_cfg(method: str, r: int) -> tuple:
 
 def matched_molora_rank(r: int) -> int:
     """The MoLoRA rank (top-2, E = 8, MALoRA's targets) whose parameter count is closest to the
-    MALoRA of this budget (METHODS.md 3(d)), at the tiny GPT's shapes."""
+    MALoRA of this budget (MALoRA §3.3's formula), at the tiny GPT's shapes."""
     from malora import MALoRAConfig, malora_num_params
     from molora import MoLoRAConfig, molora_num_params
     D, H = D_MODEL, 4 * D_MODEL
@@ -117,8 +114,7 @@ def run_table(r: int, matched: int) -> list:
             m("molora", "--variant", "top2", "--cfg", 'targets=["q","v"]', "--cfg", "num_experts=5")),
         Run("malora", "MALoRA", m("malora")),
         Run("molora-matched", MATCHED, ("--method", "molora", "--variant", "top2", "--cfg", f"rank={matched}",
-            "--cfg", f"alpha={2 * matched}", "--cfg", 'targets=["q","k","v","up","down"]'),
-            needs=("malora",)),
+            "--cfg", f"alpha={2 * matched}", "--cfg", 'targets=["q","k","v","up","down"]')),
         Run("mosld", "MoSLD p=0.1", m("mosld")),
         Run("mosl", "MoSL p=0", m("mosld", "--variant", "mosl")),
         Run("mosld-p0.3", "MoSLD p=0.3", m("mosld", "--cfg", "drop_a=0.3")),
@@ -145,34 +141,6 @@ def run_table(r: int, matched: int) -> list:
 
 def sweep_row(label: str, r: int) -> str:
     return f"{label}, rank {r}"
-
-
-def train_py_offers(source: str) -> tuple:
-    """What train.py registers, read from its source: METHODS names, VARIANTS names per method,
-    and its --flags."""
-    tree = ast.parse(source)
-    dicts = {n.targets[0].id: n.value for n in ast.walk(tree) if isinstance(n, ast.Assign)
-             and isinstance(n.targets[0], ast.Name) and isinstance(n.value, ast.Dict)}
-    methods = {k.value for k in dicts["METHODS"].keys}
-    v = dicts.get("VARIANTS", ast.Dict(keys=[], values=[]))
-    variants = {k.value: {n.value for n in d.keys} for k, d in zip(v.keys, v.values)
-                if isinstance(d, ast.Dict)}
-    flags = {c.args[0].value for c in ast.walk(tree) if isinstance(c, ast.Call) and c.args
-             and getattr(c.func, "attr", "") == "add_argument" and isinstance(c.args[0], ast.Constant)}
-    return methods, variants, flags
-
-
-def missing(run: Run, offers: tuple) -> str | None:
-    """Why train.py cannot do this run yet, or None."""
-    methods, variants, flags = offers
-    method = run.args[1]
-    for name in (method, *run.needs):
-        if name not in methods:
-            return f"train.py has no method {name!r} yet"
-    if "--variant" in run.args and run.args[run.args.index("--variant") + 1] not in variants.get(method, ()):
-        return f"train.py has no variant {run.args[run.args.index('--variant') + 1]!r} of {method} yet"
-    unknown = [a for a in run.args if a.startswith("--") and a not in flags]
-    return f"train.py has no {unknown[0]} flag yet" if unknown else None
 
 
 def finished(run_dir: str, cmd: list) -> bool:
@@ -331,7 +299,7 @@ def keeps_general(S) -> tuple:
         f"{tasks.GENERAL}: base {base:.1f}, MoDULA-Res {g:.1f}"
 
 
-CHECKS = [  # (§8 check, claim, the paper's numbers, verdict function)
+CHECKS = [  # (check number, claim, the paper's numbers, verdict function)
     ("1", "Interference: one LoRA on the mixture is below one LoRA per task",
      "MALoRA T1: 54.7 mixture vs 57.0 single-task; MoSLD T3: 52.47 vs 53.58",
      lambda S: beats(S, PER_TASK, MIX)),
@@ -406,7 +374,7 @@ def report(S: dict, rows: list, checks: list, head: list, notes: list) -> str:
                 "| method | routed, mean | own expert alone, mean |", "|---|---|---|"]
         out += [f"| {r} | {fmt([s['mean'] for s in S[r]])} | {fmt([s['own_expert'] for s in S[r]])} |"
                 for r in staged]
-    out += ["", "## Qualitative checks (METHODS.md §8)", "",
+    out += ["", "## Qualitative checks (the papers' claims, on these tasks)", "",
             f"A difference counts when it is larger than {TOL:g} point and than its spread over seeds "
             "(paired by seed).", "", "| § | claim | here | ours | paper |", "|---|---|---|---|---|"]
     out += [f"| {n} | {claim} | **{v}** | {ours} | {paper} |" for n, claim, v, ours, paper in checks]
@@ -454,11 +422,7 @@ if __name__ == "__main__":
         if getattr(a, flag) < 1:
             sys.exit(f"compare.py: --{flag.replace('_', '-')} {getattr(a, flag)}: must be >= 1")
     t_start, load_start = time.perf_counter(), os.getloadavg()
-    with open(os.path.join(ROOT, "train.py")) as f:
-        offers = train_py_offers(f.read())
-    runs = run_table(a.rank, matched_molora_rank(a.rank) if "malora" in offers[0] else 0)
-    notes = [f"{r.name}: skipped, {why}" for r in runs if (why := missing(r, offers))]
-    runs = [r for r in runs if not missing(r, offers)]
+    runs, notes = run_table(a.rank, matched_molora_rank(a.rank)), []
     run_dir = lambda name, seed: os.path.join(a.out, "runs", name, f"seed{seed}")
 
     # the shared base model: pretrained once (or reused from out/base), then --init-from for all

@@ -6,15 +6,6 @@ import pytest
 import compare
 import tasks
 
-TRAIN_PY = '''
-METHODS = {"lora": (A, B), "molora": (C, D)}
-VARIANTS = {"molora": {"soft": {}, "top2": {"top_k": 2}}}
-p.add_argument("--method", required=True)
-p.add_argument("--variant", default=None)
-p.add_argument("--cfg", action="append", help="--not-a-flag")
-'''
-
-
 def test_run_table():
     runs = compare.run_table(2, 3)
     names = [r.name for r in runs]
@@ -28,7 +19,7 @@ def test_run_table():
         assert sorted(r.args[i + 1] for i, a in enumerate(r.args) if a == "--exclude-task") == \
             sorted(set(tasks.TASKS) - {r.task})
     matched = next(r for r in runs if r.name == "molora-matched")
-    assert "rank=3" in matched.args and "alpha=6" in matched.args and matched.needs == ("malora",)
+    assert "rank=3" in matched.args and "alpha=6" in matched.args
     assert all(r.args[0] == "--method" for r in runs)
 
 
@@ -43,17 +34,6 @@ def test_budget_cfg():
 def test_matched_rank():
     pytest.importorskip("malora")
     assert compare.matched_molora_rank(0) == 9     # MALoRA r-bar 12, S 32 ~ MoLoRA r 9 at D = 128
-
-
-def test_offers_and_missing():
-    offers = compare.train_py_offers(TRAIN_PY)
-    assert offers == ({"lora", "molora"}, {"molora": {"soft", "top2"}}, {"--method", "--variant", "--cfg"})
-    R = compare.Run
-    assert compare.missing(R("a", "A", ("--method", "molora", "--variant", "soft")), offers) is None
-    assert "method 'mosld'" in compare.missing(R("a", "A", ("--method", "mosld")), offers)
-    assert "variant 'top1'" in compare.missing(R("a", "A", ("--method", "molora", "--variant", "top1")), offers)
-    assert "--add-domain" in compare.missing(R("a", "A", ("--method", "lora", "--add-domain", "x")), offers)
-    assert "'malora'" in compare.missing(R("a", "A", ("--method", "molora"), needs=("malora",)), offers)
 
 
 def test_resume_skips_only_the_same_finished_command(tmp_path):
