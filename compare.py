@@ -1,13 +1,16 @@
 """Compare every method under one budget: same base model, data, steps and seeds.
 
     python compare.py --quick        # 1 seed, short runs: the whole pipeline in a few minutes
-    python compare.py                # 3 seeds, the full budget; then read results/RESULTS.md
+    python compare.py                # 5 seeds, the full budget; then read results/RESULTS.md
+    python compare.py --report results/results.json   # RESULTS.md again from recorded runs, no training
 
 Every run is `python train.py ...` in a subprocess, exactly what a user gets, writing into
 <out>/runs/<run>/seed<k>/ (train.log, metrics.json, adapter). A run whose metrics.json is there and
 whose run.json holds the same command is skipped, so an interrupted comparison resumes.
 Writes <out>/results.json (every run), <out>/RESULTS.md (mean ± std over seeds; a verdict for each
 qualitative claim of the papers beside the paper's numbers) and, with matplotlib, accuracy.png.
+A verdict is holds, contradicted or inconclusive, from the paired 95 % interval of the per-seed
+difference (`judge`, `beats`, `at_least`); it needs at least MIN_SEEDS seeds.
 
 Budget: every run gets the same --steps (a staged method runs each stage for the share of it that
 its config's stage_steps sets; each per-task LoRA gets steps / number of tasks, so it sees as many
@@ -17,6 +20,7 @@ model, pretrained once (seed 0).
 """
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -33,6 +37,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 NEW = tasks.TASKS[-1]          # the domain that the add-a-domain runs learn last
 D_MODEL = 128                  # train.py's default --n-embd, for matching MoLoRA's parameters to MALoRA's
 TOL = 1.0                      # accuracy points: a difference smaller than this is noise (verdicts)
+MIN_SEEDS = 5                  # fewer seeds with both rows: every verdict is inconclusive
 SWEEP_RANKS = (1, 2, 4, 8)     # check 5: per-expert ranks of the MoLoRA / MALoRA rank sweep
 SWEEP = ("MoLoRA top-2", "MALoRA")
 ROUTER4 = "[0.25,1.0,4.0]"     # MoDULA stage_steps with 4x the router steps of its default
@@ -50,7 +55,8 @@ p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--quick", action="store_true",
                help="smoke budget: 1 seed, 100 steps, 100 eval examples, output in results/quick")
 p.add_argument("--steps", type=int, default=None, help="fine-tuning steps per run (default 300; quick 100)")
-p.add_argument("--seeds", type=int, default=None, help="seeds per run (default 3; quick 1)")
+p.add_argument("--seeds", type=int, default=None,
+               help=f"seeds per run (default {MIN_SEEDS}, the fewest a verdict needs; quick 1)")
 p.add_argument("--eval-examples", type=int, default=None,
                help="held-out examples per task (default 300; quick 100)")
 p.add_argument("--rank", type=int, default=2,
@@ -62,6 +68,9 @@ p.add_argument("--lr", type=float, default=3e-3,
 p.add_argument("--pretrain-steps", type=int, default=1500, help="pretraining steps of the shared base model")
 p.add_argument("--jobs", type=int, default=2, help="train.py processes at once, one thread each")
 p.add_argument("--out", default=None, help="output folder (default results; quick: results/quick)")
+p.add_argument("--report", metavar="RESULTS_JSON", default=None,
+               help="train nothing: rebuild RESULTS.md (and the plot) beside this results.json from the "
+                    "runs it records, with this compare.py's tables and verdicts")
 
 
 @dataclass
@@ -208,26 +217,91 @@ def summarize(records: list) -> dict:
     return out
 
 
-def delta(S: dict, a: str, b: str, key="mean") -> tuple:
-    """Mean and seed-to-seed spread of a - b, paired by seed."""
+def t_quantile(n: int, p: float = 0.975) -> float:
+    """The p quantile of Student's t with n degrees of freedom, by bisection on its CDF. For an
+    integer n, with th = atan(t / sqrt n) and c = cos^2 th, P(|T| < t) is a finite series:
+    2/pi (th + sin th cos th (1 + 2/3 c + 2·4/(3·5) c^2 + ...)) for odd n, sin th (1 + 1/2 c +
+    1·3/(2·4) c^2 + ...) for even n, with n // 2 terms in the series."""
+    def inside(t):                                         # P(|T| < t)
+        th = math.atan(t / math.sqrt(n))
+        c, term, series, odd = math.cos(th) ** 2, 1.0, 1.0, n % 2
+        for k in range(1, n // 2):
+            term *= (2 * k - 1 + odd) / (2 * k + odd) * c          # odd: 2k / (2k+1); even: (2k-1) / 2k
+            series += term
+        if odd:
+            return 2 / math.pi * (th + (math.sin(th) * math.cos(th) * series if n > 1 else 0.0))
+        return math.sin(th) * series
+    lo, hi = 0.0, 1e4
+    for _ in range(100):
+        lo, hi = ((lo + hi) / 2, hi) if inside((lo + hi) / 2) < 2 * p - 1 else (lo, (lo + hi) / 2)
+    return (lo + hi) / 2
+
+
+def interval(d: list) -> tuple:
+    """Mean of d and its 95 % confidence interval (Student t, len(d) - 1 degrees of freedom)."""
+    m, s = mean_std(d)
+    half = t_quantile(len(d) - 1) * s / math.sqrt(len(d)) if len(d) > 1 else math.inf
+    return m, m - half, m + half
+
+
+def judge(d: list, margin: float, below: bool = False, spec: str = "+.1f") -> tuple:
+    """Verdict on the claim "the mean of d is above margin" (below=True: "below margin"), d one
+    value per seed: holds if the whole 95 % interval is on the claimed side of margin,
+    contradicted if it is wholly on the other side (the claim is ruled out), inconclusive if it
+    straddles margin, and inconclusive with fewer than MIN_SEEDS values whatever the interval.
+    Returns (verdict, "mean, 95 % CI lo to hi, n = ..." and, with too few seeds, what the
+    interval alone says where it is not inconclusive)."""
+    m, lo, hi = interval(d)
+    if below:                                              # mean < margin  <=>  -mean > -margin
+        lo, hi, margin = -hi, -lo, -margin
+    by_ci = "holds" if lo > margin else "contradicted" if hi < margin else "inconclusive"
+    lo, hi = (-hi, -lo) if below else (lo, hi)
+    few = len(d) < MIN_SEEDS
+    note = f"{m:{spec}}, 95 % CI {lo:{spec}} to {hi:{spec}}, n = {len(d)}" + f" < {MIN_SEEDS}" * few + \
+        f"; the interval alone: {by_ci}" * (few and by_ci != "inconclusive")
+    return ("inconclusive" if few else by_ci), note
+
+
+def paired(S: dict, a: str, b: str, key="mean", f=lambda x, y: x - y) -> list:
+    """f(a, b) of `key` for every seed that has both rows."""
     sb = {s["seed"]: s[key] for s in S[b]}
-    d = [s[key] - sb[s["seed"]] for s in S[a] if s["seed"] in sb]
+    d = [f(s[key], sb[s["seed"]]) for s in S[a] if s["seed"] in sb]
     if not d:
         raise KeyError(f"no seed has both {a} and {b}")
-    return mean_std(d)
+    return d
+
+
+def versus(S, a, b, margin, key="mean") -> tuple:
+    """Verdict on "a - b > margin", paired by seed, and the text: both rows, the difference."""
+    verdict, note = judge(paired(S, a, b, key), margin)
+    return verdict, f"{a} {fmt([s[key] for s in S[a]])} vs {b} {fmt([s[key] for s in S[b]])} (Δ {note})"
 
 
 def beats(S, a, b, key="mean") -> tuple:
-    """'holds' when a - b exceeds both TOL and its spread over seeds."""
-    d, spread = delta(S, a, b, key)
-    text = f"{a} {fmt([s[key] for s in S[a]])} vs {b} {fmt([s[key] for s in S[b]])} (Δ {d:+.1f})"
-    return ("holds" if d > max(TOL, spread) else "does not hold"), text
+    """"a beats b": a - b > TOL. Holds when the 95 % interval of the paired difference lies above
+    +TOL; contradicted when it lies below +TOL, i.e. a win of TOL or more is ruled out (a may be
+    worse, equal, or better by less than TOL, which counts as noise here). The line between the
+    two is +TOL for both, not 0 for contradicted: with enough seeds every true difference other
+    than TOL then gets a verdict, where a line at 0 would leave a true gain under TOL
+    inconclusive at any number of seeds."""
+    return versus(S, a, b, TOL, key)
 
 
 def at_least(S, a, b, key="mean") -> tuple:
-    """'holds' when a is not below b by more than TOL and the spread over seeds."""
-    d, spread = delta(S, a, b, key)
-    return ("holds" if d >= -max(TOL, spread) else "does not hold"), beats(S, a, b, key)[1]
+    """"a at least b" (non-inferiority): a - b > -TOL. Holds when the 95 % interval lies above
+    -TOL, contradicted when it lies below -TOL (a is worse by more than TOL), else inconclusive."""
+    return versus(S, a, b, -TOL, key)
+
+
+def all_of(verdicts) -> str:
+    """A claim made of parts: contradicted if one part is, holds if all hold, else inconclusive."""
+    verdicts = list(verdicts)
+    return "contradicted" if "contradicted" in verdicts else \
+        "holds" if all(v == "holds" for v in verdicts) else "inconclusive"
+
+
+def negate(verdict: str) -> str:
+    return {"holds": "contradicted", "contradicted": "holds"}.get(verdict, verdict)
 
 
 MIXTURES = ("MoLoRA soft", "MoLoRA top-2", "MALoRA", "MoSLD p=0.1", "MoDULA-Flan", "MoDULA-Res", "MoA-style")
@@ -241,9 +315,8 @@ def avg(S, row, key):
 def recovers(S) -> tuple:
     """Every mixture method beats the single LoRA on the mixture."""
     rows = [r for r in MIXTURES if r in S] or [MIXTURES[0]]        # none ran: KeyError -> not run
-    fails = [r for r in rows if beats(S, r, MIX)[0] != "holds"]
-    text = "; ".join(f"{r} {delta(S, r, MIX)[0]:+.1f}" for r in rows)
-    return ("holds" if not fails else "does not hold"), f"Δ over {MIX}: {text}"
+    parts = [(r, *judge(paired(S, r, MIX), TOL)) for r in rows]
+    return all_of(v for _, v, _ in parts), f"Δ over {MIX}: " + "; ".join(f"{r} ({n})" for r, _, n in parts)
 
 
 def shared_a(S) -> tuple:
@@ -253,50 +326,62 @@ def shared_a(S) -> tuple:
 
 
 def step_time(S) -> tuple:
-    """MALoRA's step time over the parameter-matched MoLoRA's, from tokens/s."""
-    ratio = avg(S, MATCHED, "tps") / avg(S, "MALoRA", "tps")
-    return ("holds" if ratio < 1 else "does not hold"), \
-        f"MALoRA step = {ratio:.2f} x MoLoRA's (whole CPU train step)"
+    """MALoRA's step time over the parameter-matched MoLoRA's, from tokens/s paired by seed: holds
+    when the ratio's 95 % interval lies below 1."""
+    v, note = judge(paired(S, MATCHED, "MALoRA", "tps", lambda x, y: x / y), 1, below=True, spec=".2f")
+    return v, f"MALoRA step / MoLoRA's (whole CPU train step): {note}"
 
 
 def pluggable(S) -> tuple:
-    """Adding a domain keeps old tasks within 2 points, touches <= 25% of a MoLoRA retrain, and
-    learns the new domain at least as well as retraining MoLoRA (soft) on everything."""
-    ok, texts = [], []
+    """Adding a domain keeps old tasks within 2 points (each seed's largest drop, over the old
+    domains and the general task, from before the new domain to after it), touches <= 25 % of the
+    parameters of the MoLoRA soft that was run, and learns the new domain at least as well as that
+    MoLoRA did on everything. "Before" is the adapter the add run starts from; "after" has had a
+    second router stage that "before" did not, and no control given the same extra router steps
+    was run, so a gain on old tasks (a negative drop) may be those steps' work, not the method's."""
+    retrain = {s["seed"]: s["params"] for s in S["MoLoRA soft"]}       # the MoLoRA that was run
+    parts, texts = [], []
     for r in [r for r in ADDED if r in S] or [ADDED[0]]:
-        drop = 100 * statistics.mean(s["add_domain"]["max_old_task_drop"] for s in S[r])
-        share = 100 * statistics.mean(s["add_domain"]["touched_share"] for s in S[r])
-        ok.append(drop <= 2 and share <= 25 and at_least(S, r, "MoLoRA soft", key="new")[0] == "holds")
-        texts.append(f"{r}: largest old-task drop {drop:.1f} pts, {share:.1f}% of a MoLoRA retrain "
-                     f"touched; {NEW} {fmt([s['new'] for s in S[r]])} vs MoLoRA soft retrained "
-                     f"{fmt([s['new'] for s in S['MoLoRA soft']])}")
-    return ("holds" if all(ok) else "does not hold"), "; ".join(texts)
+        drops = [100 * s["add_domain"]["max_old_task_drop"] for s in S[r]]
+        touched = {s["seed"]: s["add_domain"]["params_touched"] for s in S[r] if s["seed"] in retrain}
+        shares = [100 * touched[k] / retrain[k] for k in touched]
+        (v1, n1), (v2, n2) = judge(drops, 2, below=True), judge(shares, 25, below=True, spec=".1f")
+        v3, n3 = judge(paired(S, r, "MoLoRA soft", "new"), -TOL)          # at least MoLoRA soft
+        parts += [v1, v2, v3]
+        texts.append(f"{r}: largest old-task drop per seed {', '.join(f'{x:+.1f}' for x in drops)} pts "
+                     f"(mean {n1}); touched {statistics.mean(touched.values()):,.0f} of the "
+                     f"{statistics.mean(retrain.values()):,.0f} parameters of MoLoRA soft (share %: {n2}); {NEW} "
+                     f"{fmt([s['new'] for s in S[r]])} vs MoLoRA soft on everything "
+                     f"{fmt([s['new'] for s in S['MoLoRA soft']])} (Δ {n3})")
+    return all_of(parts), "; ".join(texts) + (". \"After\" had a second router stage that \"before\" did "
+                                              "not; no control with the same extra router steps was run, so "
+                                              "an old-task gain may be those steps' work")
 
 
 def overfits(S) -> tuple:
-    """Check 5: MoLoRA's mean accuracy peaks at a lower rank of the sweep than MALoRA's, or at the
-    same rank, then falls by the largest rank (more than TOL and the spread) while MALoRA's does not."""
+    """Check 5: MoLoRA's mean accuracy falls from the peak of its rank sweep to the largest rank
+    (a paired fall of more than TOL, judged as "peak beats largest"), and MALoRA's peaks at a
+    higher rank or does not fall (that fall contradicted)."""
     peak, falls, texts = {}, {}, []
     for label in SWEEP:
         rows = [(r, sweep_row(label, r)) for r in SWEEP_RANKS if sweep_row(label, r) in S]
         if len(rows) < 2:
             raise KeyError(f"the rank sweep of {label}")
         peak[label], top = max(rows, key=lambda rr: avg(S, rr[1], "mean"))
-        d, spread = delta(S, top, rows[-1][1])
-        falls[label] = d > max(TOL, spread)
+        falls[label], note = judge(paired(S, top, rows[-1][1]), TOL)
         accs = "/".join(f"{avg(S, row, 'mean'):.1f}" for _, row in rows)
-        after = (f"then -{d:.1f} by r={rows[-1][0]}" if falls[label] else "no fall after it" if d <= TOL
-                 else f"-{d:.1f} by r={rows[-1][0]}, within the seed spread {spread:.1f}")
-        texts.append(f"{label} r={'/'.join(str(r) for r, _ in rows)}: {accs} (peak r={peak[label]}, {after})")
+        texts.append(f"{label} r={'/'.join(str(r) for r, _ in rows)}: {accs} (peak r={peak[label]}; "
+                     f"peak - r={rows[-1][0]}: {note})")
     molora, malora = SWEEP
-    holds = falls[molora] and (peak[molora] < peak[malora] or not falls[malora])
-    return ("holds" if holds else "does not hold"), "; ".join(texts)
+    later = "holds" if peak[molora] < peak[malora] else negate(falls[malora])
+    return all_of([falls[molora], later]), "; ".join(texts)
 
 
 def keeps_general(S) -> tuple:
-    g, base = avg(S, "MoDULA-Res", "general"), avg(S, "MoDULA-Res", "base_general")
-    return ("holds" if g >= base - 2 else "does not hold"), \
-        f"{tasks.GENERAL}: base {base:.1f}, MoDULA-Res {g:.1f}"
+    """MoDULA-Res's general-task accuracy minus the base's, per seed, is above -2 points."""
+    v, note = judge([s["general"] - s["base_general"] for s in S["MoDULA-Res"]], -2)
+    return v, f"{tasks.GENERAL}: base {avg(S, 'MoDULA-Res', 'base_general'):.1f}, MoDULA-Res " \
+              f"{avg(S, 'MoDULA-Res', 'general'):.1f} (Δ {note})"
 
 
 CHECKS = [  # (check number, claim, the paper's numbers, verdict function)
@@ -323,7 +408,7 @@ CHECKS = [  # (check number, claim, the paper's numbers, verdict function)
      "MALoRA T11: MoLoRA r=4/8/16/32 53.12/55.33/56.19/55.74; MALoRA 54.28/56.27/56.61/56.69", overfits),
     ("6", "MALoRA's step is faster than MoLoRA's (x S_A computed once)",
      "MALoRA T10: 14.69 s vs 17.57 s, 0.84x", step_time),
-    ("7", f"Adding a domain ({NEW}) keeps old tasks, touches <= 25%, matches a MoLoRA retrain",
+    ("7", f"Adding a domain ({NEW}) keeps old tasks, touches <= 25% of the MoLoRA run here, matches it on {NEW}",
      "MoDULA: 19.8% of the parameters; T4 FinGPT Res 80.61 vs MoLoRA 75.41 (Qwen-7B)", pluggable),
     ("8", "Residual: MoDULA-Res >= MoDULA-Flan", "MoDULA T1: Res 51.36 vs Flan 50.32 (Qwen-7B)",
      lambda S: at_least(S, "MoDULA-Res", "MoDULA-Flan")),
@@ -345,6 +430,19 @@ def verdicts(S: dict) -> list:
 
 
 # ----------------------------------------------------------------------------- report
+
+
+VERDICT_RULE = f"""How a verdict is reached: from the 95 % confidence interval of the per-seed difference,
+paired by seed (Student t with n - 1 degrees of freedom, n the seeds that have both rows), against a
+margin of {TOL:g} point, the size under which a difference counts as noise. "a beats b" holds if
+the whole interval lies above +{TOL:g} (a wins by more than {TOL:g} point) and is contradicted if it
+lies below +{TOL:g} (a win of {TOL:g} point or more is ruled out: a is worse, equal, or better by
+less; one line for both outcomes, so that with enough seeds every true difference but +{TOL:g} gets a
+verdict); "a >= b" (no worse) holds above -{TOL:g} and is contradicted below -{TOL:g}; a limit (an old-task
+drop <= 2 points, a share <= 25 %, a step-time ratio < 1) is judged the same way on the per-seed
+values. Where the interval straddles the line, the verdict is inconclusive. A claim of several parts
+holds if all hold and is contradicted if one is. With fewer than {MIN_SEEDS} seeds every verdict is
+inconclusive whatever its interval ("ours" gives what the interval alone says)."""
 
 
 def report(S: dict, rows: list, checks: list, head: list, notes: list) -> str:
@@ -375,8 +473,7 @@ def report(S: dict, rows: list, checks: list, head: list, notes: list) -> str:
         out += [f"| {r} | {fmt([s['mean'] for s in S[r]])} | {fmt([s['own_expert'] for s in S[r]])} |"
                 for r in staged]
     out += ["", "## Qualitative checks (the papers' claims, on these tasks)", "",
-            f"A difference counts when it is larger than {TOL:g} point and than its spread over seeds "
-            "(paired by seed).", "", "| § | claim | here | ours | paper |", "|---|---|---|---|---|"]
+            VERDICT_RULE.replace("\n", " "), "", "| § | claim | here | ours | paper |", "|---|---|---|---|---|"]
     out += [f"| {n} | {claim} | **{v}** | {ours} | {paper} |" for n, claim, v, ours, paper in checks]
     return "\n".join(out + ["", "## Notes", "", *[f"- {n}" for n in notes or ["none"]], ""])
 
@@ -410,12 +507,55 @@ def plot(S: dict, rows: list, out_dir: str) -> str:
     return "plot: [accuracy vs trainable parameters, and per task](accuracy.png)"
 
 
+def head_lines(budget: dict, records: list, base: str, how: str, then: str) -> list:
+    """RESULTS.md's title and budget paragraph: `how` the runs came about, `then` what followed."""
+    b = budget
+    title = "every method under one budget" + " (QUICK RUN: a smoke test, not the comparison)" * b["quick"]
+    return [f"# Results: {title}", "",
+            f"{how}: {b['steps']} steps at lr {b['lr']}, per-expert rank {b['rank'] or 'as each method default'}, "
+            f"{b['seeds']} seed(s), {b['eval_examples']} held-out examples per task, base {base} (shared); "
+            f"{b['jobs']} train.py process(es) at once, one thread each; the runs' wall times sum to "
+            f"{sum(r['wall_seconds'] for r in records) / 60:.1f} min. {then}",
+            *["", BUDGET_NOTE.replace("\n", " ")] * (b["rank"] == 2)]
+
+
+def publish(S: dict, runs: list, out_dir: str, head: list, notes: list) -> list:
+    """The plot and RESULTS.md into out_dir; returns the notes with the plot's line."""
+    rows = list(dict.fromkeys(r.row for r in runs if r.table))
+    os.makedirs(out_dir, exist_ok=True)
+    notes = [*notes, plot(S, rows, out_dir)]
+    with open(os.path.join(out_dir, "RESULTS.md"), "w") as f:
+        f.write(report(S, rows, verdicts(S), head, notes))
+    return notes
+
+
+def rejudge(path: str) -> None:
+    """--report: RESULTS.md and the plot again, next to results.json, from the runs it records
+    (nothing is trained), with this file's tables and verdict rule."""
+    with open(path) as f:
+        data = json.load(f)
+    b, records = data["budget"], data["runs"]
+    if not records:
+        sys.exit(f"compare.py: {path} records no runs")
+    cmd = records[0]["command"]
+    head = head_lines(b, records, cmd[cmd.index("--init-from") + 1], f"The runs recorded in {path}",
+                      f"Verdicts re-judged from these same runs, without training, by `python compare.py "
+                      f"--report {path}` with the rule stated above the checks.")
+    notes = [n for n in data["notes"] if not n.startswith("plot")]     # the plot's line is redone
+    publish(summarize(records), run_table(b["rank"], matched_molora_rank(b["rank"])),
+            os.path.dirname(os.path.abspath(path)), head, notes)
+    print(f"wrote {os.path.join(os.path.dirname(path), 'RESULTS.md')} from {path} ({len(records)} runs)")
+
+
 # ----------------------------------------------------------------------------- main
 if __name__ == "__main__":
     a = p.parse_args()
+    if a.report:
+        rejudge(a.report)
+        sys.exit(0)
     quick = a.quick
     a.steps = a.steps or (100 if quick else 300)
-    a.seeds = a.seeds or (1 if quick else 3)
+    a.seeds = a.seeds or (1 if quick else MIN_SEEDS)
     a.eval_examples = a.eval_examples or (100 if quick else 300)
     a.out = a.out or ("results/quick" if quick else "results")
     for flag in ("steps", "seeds", "eval_examples", "jobs"):
@@ -472,24 +612,13 @@ if __name__ == "__main__":
             with open(os.path.join(d, "metrics.json")) as f, open(os.path.join(d, "run.json")) as g:
                 records.append({"run": run.name, "row": run.row, "task": run.task,
                                 **json.load(g), **json.load(f)})
-    S = summarize(records)
     wall = time.perf_counter() - t_start
-    title = "every method under one budget" + " (QUICK RUN: a smoke test, not the comparison)" * quick
-    head = [f"# Results: {title}",
-            "", f"`python compare.py {' '.join(sys.argv[1:])}`: {a.steps} steps at lr {a.lr}, per-expert rank "
-            f"{a.rank or 'as each method default'}, {a.seeds} seed(s), {a.eval_examples} held-out examples "
-            f"per task, base {base} (shared); {a.jobs} train.py process(es) at once, one thread each; "
-            f"the runs' wall times sum to {sum(r['wall_seconds'] for r in records) / 60:.1f} min; this "
-            f"invocation trained {len(ran)} of the {len(jobs)} runs (the others were finished "
-            f"already) in {wall / 60:.1f} min (load average {load_start[0]:.1f} at the start, "
-            f"{os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} CPUs).",
-            *["", BUDGET_NOTE.replace("\n", " ")] * (a.rank == 2)]
-    notes.append(plot(S, [r.row for r in runs if r.table], os.path.join(ROOT, a.out)))
-    os.makedirs(os.path.join(ROOT, a.out), exist_ok=True)
+    head = head_lines(vars(a), records, base, f"`python compare.py {' '.join(sys.argv[1:])}`",
+                      f"This invocation trained {len(ran)} of the {len(jobs)} runs (the others were finished "
+                      f"already) in {wall / 60:.1f} min (load average {load_start[0]:.1f} at the start, "
+                      f"{os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} CPUs).")
+    notes = publish(summarize(records), runs, os.path.join(ROOT, a.out), head, notes)
     with open(os.path.join(ROOT, a.out, "results.json"), "w") as f:
         json.dump({"budget": vars(a), "runs": records, "notes": notes}, f, indent=1)
-    rows = list(dict.fromkeys(r.row for r in runs if r.table))
-    with open(os.path.join(ROOT, a.out, "RESULTS.md"), "w") as f:
-        f.write(report(S, rows, verdicts(S), head, notes))
     print(f"wrote {a.out}/RESULTS.md and results.json ({len(records)} runs, {wall / 60:.1f} min)")
     sys.exit(1 if failed else 0)

@@ -71,31 +71,96 @@ def seeds(values, **extra):
             for i, v in enumerate(values)]
 
 
-def test_verdict_logic():
-    S = {"a": seeds([80, 82, 81]), "b": seeds([70, 71, 72]), "c": seeds([80.5, 81.5, 80])}
-    assert compare.beats(S, "a", "b")[0] == "holds"
-    assert compare.beats(S, "b", "a")[0] == "does not hold"
-    assert compare.beats(S, "a", "c")[0] == "does not hold"          # within TOL: no clear win
-    assert compare.at_least(S, "a", "c")[0] == "holds"
-    assert compare.at_least(S, "b", "a")[0] == "does not hold"
-    noisy = {"a": seeds([90, 60, 90]), "b": seeds([70, 70, 70])}       # +10 on average, spread 17
-    assert compare.beats(noisy, "a", "b")[0] == "does not hold"
-    assert "Δ +10.0" in compare.beats(noisy, "a", "b")[1]
+def test_t_quantile_and_interval():
+    for n, t in [(1, 12.706), (2, 4.303), (4, 2.776), (9, 2.262), (30, 2.042), (10 ** 5, 1.960)]:
+        assert compare.t_quantile(n) == pytest.approx(t, abs=1e-3)    # textbook two-sided 95 % values
+    assert compare.t_quantile(4, 0.95) == pytest.approx(2.132, abs=1e-3)
+    m, lo, hi = compare.interval([1, 2, 3, 4, 5])                    # s = sqrt(2.5), 4 degrees of freedom
+    assert (m, lo, hi) == pytest.approx((3, 3 - 2.776 * 0.5 ** 0.5, 3 + 2.776 * 0.5 ** 0.5), abs=1e-3)
+
+
+def test_verdict_rule():
+    base = [70, 75, 80, 72, 78]
+    rows = lambda *ds: {name: seeds([x + dx for x, dx in zip(base, d)]) for name, d in zip("abc", ds)}
+    S = rows([10.2, 9.8, 10.1, 10.0, 9.9], [0] * 5, [0.2, 0.8, 0.5, 0.4, 0.6])
+    assert compare.beats(S, "a", "b")[0] == "holds"                  # clear win
+    assert compare.beats(S, "b", "a")[0] == "contradicted"           # clear loss
+    assert compare.at_least(S, "a", "b")[0] == "holds"
+    assert compare.at_least(S, "b", "a")[0] == "contradicted"        # worse by far more than TOL
+    assert compare.beats(S, "c", "b")[0] == "contradicted"           # a sure gain, but under TOL
+    assert compare.at_least(S, "c", "b")[0] == "holds"
+    assert compare.at_least(S, "b", "c")[0] == "holds"               # 0.5 worse: within TOL
+    verdict, text = compare.beats(S, "a", "b")
+    assert text.startswith("a 85.0 ± 4.1 vs b 75.0 ± 4.1 (Δ +10.0, 95 % CI +9.8 to +10.2, n = 5)")
+    noisy = rows([30, -20, 25, -15, 30], [0] * 5, [-1.5, 0, -0.5, -2.5, -0.5])
+    assert compare.beats(noisy, "a", "b")[0] == "inconclusive"       # +10 on average, interval -21 to +41
+    assert compare.at_least(noisy, "a", "b")[0] == "inconclusive"
+    assert compare.at_least(noisy, "c", "b")[0] == "inconclusive"    # -1 on average, straddles -TOL
+    few = {k: v[:4] for k, v in S.items()}                           # 4 seeds: no verdict
+    assert compare.beats(few, "a", "b") == ("inconclusive", "a 84.3 ± 4.3 vs b 74.2 ± 4.3 (Δ +10.0, "
+                                            "95 % CI +9.8 to +10.3, n = 4 < 5; the interval alone: holds)")
+    S["d"] = seeds([x + 10 for x in base[:3]])                       # paired over the 3 shared seeds
+    assert "n = 3 < 5" in compare.beats(S, "d", "b")[1]
+
+
+def test_judge_below_and_combining():
+    assert compare.judge([0.8, 0.82, 0.79, 0.81, 0.8], 1, below=True)[0] == "holds"
+    assert compare.judge([1.4, 1.5, 1.45, 1.5, 1.42], 1, below=True)[0] == "contradicted"
+    assert compare.judge([0.5, 1.5, 0.7, 1.4, 0.9], 1, below=True)[0] == "inconclusive"
+    assert compare.judge([0.8] * 5, 1, below=True, spec=".2f")[1] == "0.80, 95 % CI 0.80 to 0.80, n = 5"
+    assert compare.all_of(["holds", "holds"]) == "holds"
+    assert compare.all_of(["holds", "inconclusive"]) == "inconclusive"
+    assert compare.all_of(["inconclusive", "contradicted"]) == "contradicted"
+    assert [compare.negate(v) for v in ("holds", "contradicted", "inconclusive")] == \
+        ["contradicted", "holds", "inconclusive"]
 
 
 def test_checks_on_synthetic_rows():
-    S = {"LoRA, one per task": seeds([90, 91, 92]), "LoRA, mixture": seeds([60, 62, 61]),
-         "MoLoRA soft": seeds([85, 86, 84]), "MoLoRA top-2": seeds([61, 61, 62])}
+    S = {"LoRA, one per task": seeds([90, 91, 92, 90, 91]), "LoRA, mixture": seeds([60, 62, 61, 60, 61]),
+         "MoLoRA soft": seeds([85, 86, 84, 85, 86]), "MoLoRA top-2": seeds([61, 61, 62, 60, 61])}
     got = {claim: v for _, claim, v, _, _ in compare.verdicts(S)}
     assert got["Interference: one LoRA on the mixture is below one LoRA per task"] == "holds"
-    assert got["Every mixture method recovers part of the gap (beats the mixture LoRA)"] == "does not hold"
+    assert got["Every mixture method recovers part of the gap (beats the mixture LoRA)"] == "inconclusive"
     assert got["Soft routing >= top-2 (MoLoRA, same E and r; top-1 not run)"] == "holds"
     assert got["Residual: MoDULA-Res >= MoDULA-Flan"] == "not run"    # its runs are missing
     assert got["Raising the rank overfits MoLoRA sooner than MALoRA"] == "not run"
-    S["MALoRA"] = seeds([80, 80, 80], tps=1000.0)
-    S["MoLoRA top-2, parameters matched to MALoRA"] = seeds([80, 80, 80], tps=800.0)
+    S["LoRA, mixture"] = seeds([84, 85, 85, 84, 86])                 # top-2 now clearly below it
+    recovers = next(v for _, claim, v, _, _ in compare.verdicts(S) if claim.startswith("Every mixture"))
+    assert recovers == "contradicted"
+    S["MALoRA"] = seeds([80] * 5, tps=1000.0)
+    S["MoLoRA top-2, parameters matched to MALoRA"] = seeds([80] * 5, tps=800.0)
     step = next((v, ours) for n, _, v, ours, _ in compare.verdicts(S) if n == "6")
-    assert step == ("holds", "MALoRA step = 0.80 x MoLoRA's (whole CPU train step)")   # more tokens/s
+    assert step == ("holds", "MALoRA step / MoLoRA's (whole CPU train step): 0.80, 95 % CI 0.80 to 0.80, n = 5")
+    S["MoDULA-Res"] = seeds([50] * 5, general=97.5, base_general=100.0)   # 2.5 below the base: out
+    assert next(v for n, c, v, _, _ in compare.verdicts(S) if "general task" in c) == "contradicted"
+
+
+def add_run(row, seed, drop, touched=41472, new=0.5):
+    """An add-a-domain record; its own retrain estimate (a default MoLoRA) must not be used."""
+    rec = record(row, seed, new, params=152064)
+    rec["add_domain"] = {"params_touched": touched, "max_old_task_drop": drop,
+                         "molora_retrain_params": 626688, "touched_share": touched / 626688}
+    return rec
+
+
+def test_check7_denominator_and_per_seed_drops():
+    check7 = lambda recs: next((v, ours) for n, _, v, ours, _ in compare.verdicts(compare.summarize(recs))
+                               if n == "7")
+    soft = [record("MoLoRA soft", s, 0.5, params=184320) for s in range(5)]
+    drops = [0.004, -0.02, 0.01, 0.0, 0.002]                          # largest old-task drop per seed
+    recs = soft + [add_run(row, s, d) for row in compare.ADDED for s, d in enumerate(drops)]
+    verdict, ours = check7(recs)
+    assert verdict == "holds"
+    assert "largest old-task drop per seed +0.4, -2.0, +1.0, +0.0, +0.2 pts (mean -0.1," in ours
+    assert "touched 41,472 of the 184,320 parameters of MoLoRA soft (share %: 22.5, 95 % CI 22.5 to 22.5" in ours
+    assert "second router stage" in ours and "no control" in ours
+    small = [record("MoLoRA soft", s, 0.5, params=100000) for s in range(5)]
+    assert check7(small + recs[5:])[0] == "contradicted"             # 41.5 % of the MoLoRA that ran
+    worse = [add_run(compare.ADDED[0], s, d) for s, d in enumerate([0.2, -0.3, 0.25, -0.1, 0.0])]
+    assert check7(soft + worse)[0] == "inconclusive"                 # one seed loses 20 points, another gains
+    lost = [add_run(compare.ADDED[0], s, 0.05 + d) for s, d in enumerate(drops)]
+    assert check7(soft + lost)[0] == "contradicted"                  # about 5 points lost on every seed
+    assert check7(soft[:3] + recs[5:8])[0] == "inconclusive"         # 3 seeds
 
 
 def test_rank_sweep_runs_and_verdict():
@@ -106,15 +171,37 @@ def test_rank_sweep_runs_and_verdict():
     row = compare.sweep_row
     molora, malora = compare.SWEEP
     check5 = lambda S: next((v, ours) for n, _, v, ours, _ in compare.verdicts(S) if n == "5")
-    S = {row(molora, 1): seeds([70, 71, 72]), row(molora, 2): seeds([90, 91, 92]),
-         row(molora, 4): seeds([80, 81, 79]), row(molora, 8): seeds([60, 61, 62]),
-         **{row(malora, r): seeds([v] * 3) for r, v in zip(compare.SWEEP_RANKS, (70, 80, 85, 86))}}
+    five = lambda v: seeds([v + dv for dv in (0, 1, -1, 0.5, -0.5)])
+    S = {**{row(molora, r): five(v) for r, v in zip(compare.SWEEP_RANKS, (70, 90, 80, 60))},
+         **{row(malora, r): five(v) for r, v in zip(compare.SWEEP_RANKS, (70, 80, 85, 86))}}
     verdict, ours = check5(S)
-    assert verdict == "holds" and "peak r=2, then -30.0 by r=8" in ours and "peak r=8" in ours
-    S[row(malora, 8)] = seeds([50, 50, 50])                          # MALoRA falls too, later peak
+    assert verdict == "holds" and "(peak r=2; peak - r=8: +30.0, 95 % CI +30.0 to +30.0, n = 5)" in ours
+    assert "(peak r=8; peak - r=8: +0.0" in ours
+    S[row(malora, 8)] = five(50)                                     # MALoRA falls too, but peaks later
     assert check5(S)[0] == "holds"
-    S[row(malora, 2)] = seeds([95, 95, 95])                          # MALoRA peaks first: no
-    assert check5(S)[0] == "does not hold"
-    flat = {row(m, r): seeds([100, 100, 100]) for m in compare.SWEEP for r in compare.SWEEP_RANKS}
-    assert check5(flat) == ("does not hold", f"{molora} r=1/2/4/8: 100.0/100.0/100.0/100.0 (peak r=1, "
-                            f"no fall after it); {malora} r=1/2/4/8: 100.0/100.0/100.0/100.0 (peak r=1, no fall after it)")
+    S[row(malora, 2)] = five(95)                                     # MALoRA peaks first and falls: no
+    assert check5(S)[0] == "contradicted"
+    S[row(malora, 8)] = seeds([95, 55, 95, 55, 95])                  # ... its fall is noise: undecided
+    assert check5(S)[0] == "inconclusive"
+    flat = {row(m, r): five(100) for m in compare.SWEEP for r in compare.SWEEP_RANKS}
+    assert check5(flat) == ("contradicted", "; ".join(
+        f"{label} r=1/2/4/8: 100.0/100.0/100.0/100.0 (peak r=1; peak - r=8: +0.0, 95 % CI +0.0 to +0.0, n = 5)"
+        for label in compare.SWEEP))
+    three = {k: v[:3] for k, v in S.items()}
+    assert check5(three)[0] == "inconclusive"                        # 3 seeds
+
+
+def test_report_rebuilds_results_md_from_results_json(tmp_path):
+    recs = [{**record(row, s, acc), "command": ["train.py", "--init-from", "out/base/x.pt"]}
+            for row, acc in (("LoRA, mixture", 0.5), ("MoLoRA soft", 0.9)) for s in range(5)]
+    budget = {"quick": False, "steps": 300, "lr": 0.003, "rank": 2, "seeds": 5, "eval_examples": 300, "jobs": 2}
+    (tmp_path / "results.json").write_text(json.dumps(
+        {"budget": budget, "runs": recs, "notes": ["plot: old line", "lora seed 3: FAILED, exit 1"]}))
+    compare.rejudge(str(tmp_path / "results.json"))
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert "base out/base/x.pt (shared)" in md and "Verdicts re-judged from these same runs" in md
+    assert "| LoRA, mixture | 100 | 50.0 ± 0.0 |" in md and "| MoLoRA soft | 100 | 90.0 ± 0.0 |" in md
+    assert "| 2 | Soft routing >= top-2 (MoLoRA, same E and r; top-1 not run) | **not run** |" in md
+    notes = md.split("## Notes")[1]
+    assert "- lora seed 3: FAILED, exit 1" in notes and "old line" not in notes
+    assert sum(line.startswith("- plot") for line in notes.splitlines()) == 1     # the plot's line, redone
