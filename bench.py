@@ -60,11 +60,14 @@ METHODS = {
     "malora": (MALoRALinear, MALoRAConfig,
                lambda C, E, r, K: C.from_molora(rank=r, num_experts=E, lam=0.5, top_k=K,
                                                 renormalize=K > 1)),
-    # MoDULA routes softly over its E domain experts (its stage 3 and inference): K does not apply
+    # MoDULA routes softly over its E domain experts (its stage 3 and inference): K does not apply;
+    # per token, as Eq. 5-8 (the default pools each prompt: one router call per sequence, cheaper)
     "modula-flan": (MoDULALinear, MoDULAConfig,
-                    lambda C, E, r, K: C(variant="flan", num_domains=E, domain_rank=r, universal_rank=2 * r)),
+                    lambda C, E, r, K: C(variant="flan", num_domains=E, domain_rank=r, universal_rank=2 * r,
+                                         router_input="token")),
     "modula-res": (MoDULALinear, MoDULAConfig,
-                   lambda C, E, r, K: C(variant="res", num_domains=E, domain_rank=r, universal_rank=2 * r)),
+                   lambda C, E, r, K: C(variant="res", num_domains=E, domain_rank=r, universal_rank=2 * r,
+                                        router_input="token")),
     # MoA routes per sequence: the N tokens are N / 16 sequences of 16, one LoRA each (gathered)
     "moa": (MoALinear, MoAConfig, lambda C, E, r, K: C(num_domains=E, rank=r)),
 }

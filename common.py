@@ -84,7 +84,8 @@ class Router(nn.Module):
 
     `router(x)` (N, I) -> gates (N, E), as route(x, router, K)[2] (by fast.gate, whose top-k
     backward is written out). Keeps `idx` (N, K) and `balance_loss`, the Switch loss of the call
-    (both None when soft: the original MoLoRA has no loss). Opt-in, `router(x, fold=A,
+    (both None when soft: the original MoLoRA has no loss), and `gates` detached (expert usage; a
+    layer that routes whole sequences sets it to the per-token gates it used). Opt-in, `router(x, fold=A,
     dispatch=d)`: when the experts read the same x and d takes x A^T (d.takes_xa: fused yes,
     loop and grouped no), W_g x rides in the x A^T matmul (fast.fold_router) and `xa` keeps
     x A^T for d; never for bf16/fp16 x (logits stay float32). Else `xa` is None.
@@ -95,7 +96,7 @@ class Router(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, in_features))   # (E, I)
         self.top_k, self.renormalize = top_k or num_experts, renormalize
-        self.idx = self.balance_loss = self.xa = None
+        self.idx = self.balance_loss = self.xa = self.gates = None
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -111,6 +112,7 @@ class Router(nn.Module):
             logits = router_logits(x, self.weight)                     # (N, E)
         probs, gates, self.idx = fast.gate(logits, self.top_k, self.renormalize)   # = gate(...)
         self.balance_loss = None if self.idx is None else load_balance_loss(probs, self.idx)
+        self.gates = gates.detach()
         return gates                                                   # (N, E)
 
 
@@ -306,7 +308,7 @@ _BOUND_KINDS = {"count": (lambda v: v >= 1, "an integer >= 1"), "positive": (lam
                 "non-negative": (lambda v: v >= 0, ">= 0"), "p": (lambda v: 0 <= v < 1, "in [0, 1)")}
 BOUNDS = {name: _BOUND_KINDS[kind] for kind, names in {   # field -> (test, allowed), in every config
     "count": ("num_experts", "num_domains", "rank", "universal_rank", "domain_rank", "prompt_len"),
-    "positive": ("alpha", "beta"), "non-negative": ("aux_loss_coef", "negative_slope"),
+    "positive": ("alpha", "beta", "router_lr_scale"), "non-negative": ("aux_loss_coef", "negative_slope"),
     "p": ("dropout", "drop_a", "drop_b")}.items() for name in names}
 
 
@@ -350,11 +352,8 @@ def lora_uniform_(A: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Stage:
-    """One stage of a method's training schedule, run by train.py in order.
-
-    Single-stage methods need none (train.py trains every adapter parameter on the task mixture).
-    Staged methods (MoDULA, MoA) return a list of these from their `stages(...)` function.
-    """
+    """One stage of a method's training schedule, run by train.py in order. Single-stage methods
+    need none; staged methods (MoDULA, MoA) return a list of these from their `stages(...)`."""
     name: str                                        # shown in the progress bar and metrics.json
     tasks: tuple                                     # the data mixture (task names, tasks.py)
     params: Callable[[list], list]                   # layers -> the parameters this stage trains
@@ -363,6 +362,7 @@ class Stage:
                                                      # ids index the run's domains, -1 = general task
     extra_loss: Callable[[list], torch.Tensor] | None = None   # layers -> loss added to the LM loss
     steps_frac: float = 1.0                          # share of --steps this stage runs
+    lr_scale: float = 1.0                            # its peak lr is lr_scale * --lr
 
 
 def stage_mode(active) -> Callable[[list], None]:

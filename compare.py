@@ -8,7 +8,8 @@ Every run is `python train.py ...` in a subprocess, exactly what a user gets, wr
 <out>/runs/<run>/seed<k>/ (train.log, metrics.json, adapter). A run whose metrics.json is there and
 whose run.json holds the same command is skipped, so an interrupted comparison resumes.
 Writes <out>/results.json (every run), <out>/RESULTS.md (mean ± std over seeds; a verdict for each
-qualitative claim of the papers beside the paper's numbers) and, with matplotlib, accuracy.png.
+qualitative claim of the papers beside the paper's numbers) and, with matplotlib, accuracy.png
+and usage-<run>.png, the expert usage of every routed run (seed 0) as heatmaps.
 A verdict is holds, contradicted or inconclusive, from the paired 95 % interval of the per-seed
 difference (`judge`, `beats`, `at_least`); it needs at least MIN_SEEDS seeds.
 
@@ -519,11 +520,50 @@ def head_lines(budget: dict, records: list, base: str, how: str, then: str) -> l
             *["", BUDGET_NOTE.replace("\n", " ")] * (b["rank"] == 2)]
 
 
-def publish(S: dict, runs: list, out_dir: str, head: list, notes: list) -> list:
-    """The plot and RESULTS.md into out_dir; returns the notes with the plot's line."""
+def plot_usage(records: list, out_dir: str) -> str:
+    """usage-<run>.png for every routed run (seed 0): train.py's expert_usage as heatmaps, tasks x
+    experts, one panel per adapted layer (rows: blocks, columns: linears), one colour scale (the
+    share of a task's gate mass, 0 to 1); a note instead when matplotlib is missing."""
+    routed = [r for r in records if r.get("expert_usage") and r["seed"] == 0]
+    if not routed:
+        return "expert-usage heatmaps: no routed run"
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "expert-usage heatmaps skipped: matplotlib is not installed (pip install matplotlib)"
+    for r in routed:
+        usage = r["expert_usage"]
+        split = lambda name: (name.rsplit(".", 1)[0].split(".")[1], name.rsplit(".", 1)[1])   # block, linear
+        blocks = list(dict.fromkeys(split(n)[0] for n in usage))
+        linears = list(dict.fromkeys(split(n)[1] for n in usage))
+        fig, axes = plt.subplots(len(blocks), len(linears), squeeze=False,
+                                 figsize=(1.6 * len(linears) + 1.5, 1.5 * len(blocks) + 1))
+        for name, per_task in usage.items():
+            b, lin = split(name)
+            ax = axes[blocks.index(b)][linears.index(lin)]
+            grid = [per_task[t] for t in per_task]                        # tasks x experts
+            image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+            E = len(grid[0])
+            experts = r.get("expert_names") or [str(e) for e in range(E)]
+            bottom, left = b == blocks[-1], lin == linears[0]                # labels on the edges
+            ax.set_xticks(range(E), [e[:5] for e in experts] if bottom else [], fontsize=6, rotation=90)
+            ax.set_yticks(range(len(per_task)), list(per_task) if left else [], fontsize=6)
+            ax.set_title(f"block {b} {lin}", fontsize=7)
+        fig.suptitle(f"{r['row']}: mean gate of each expert (columns) on each task's tokens (rows)",
+                     fontsize=9)
+        fig.colorbar(image, ax=axes, shrink=0.6, label="share of the task's gate mass")
+        fig.savefig(os.path.join(out_dir, f"usage-{r['run']}.png"), dpi=110)
+        plt.close(fig)
+    return "expert usage: " + ", ".join(f"[{r['row']}](usage-{r['run']}.png)" for r in routed)
+
+
+def publish(S: dict, runs: list, out_dir: str, head: list, notes: list, records=()) -> list:
+    """The plots and RESULTS.md into out_dir; returns the notes with the plots' lines."""
     rows = list(dict.fromkeys(r.row for r in runs if r.table))
     os.makedirs(out_dir, exist_ok=True)
-    notes = [*notes, plot(S, rows, out_dir)]
+    notes = [*notes, plot(S, rows, out_dir), plot_usage(list(records), out_dir)]
     with open(os.path.join(out_dir, "RESULTS.md"), "w") as f:
         f.write(report(S, rows, verdicts(S), head, notes))
     return notes
@@ -541,9 +581,9 @@ def rejudge(path: str) -> None:
     head = head_lines(b, records, cmd[cmd.index("--init-from") + 1], f"The runs recorded in {path}",
                       f"Verdicts re-judged from these same runs, without training, by `python compare.py "
                       f"--report {path}` with the rule stated above the checks.")
-    notes = [n for n in data["notes"] if not n.startswith("plot")]     # the plot's line is redone
+    notes = [n for n in data["notes"] if not n.startswith(("plot", "expert"))]   # redone below
     publish(summarize(records), run_table(b["rank"], matched_molora_rank(b["rank"])),
-            os.path.dirname(os.path.abspath(path)), head, notes)
+            os.path.dirname(os.path.abspath(path)), head, notes, records)
     print(f"wrote {os.path.join(os.path.dirname(path), 'RESULTS.md')} from {path} ({len(records)} runs)")
 
 
@@ -617,7 +657,7 @@ if __name__ == "__main__":
                       f"This invocation trained {len(ran)} of the {len(jobs)} runs (the others were finished "
                       f"already) in {wall / 60:.1f} min (load average {load_start[0]:.1f} at the start, "
                       f"{os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} CPUs).")
-    notes = publish(summarize(records), runs, os.path.join(ROOT, a.out), head, notes)
+    notes = publish(summarize(records), runs, os.path.join(ROOT, a.out), head, notes, records)
     with open(os.path.join(ROOT, a.out, "results.json"), "w") as f:
         json.dump({"budget": vars(a), "runs": records, "notes": notes}, f, indent=1)
     print(f"wrote {a.out}/RESULTS.md and results.json ({len(records)} runs, {wall / 60:.1f} min)")

@@ -17,6 +17,11 @@ sequence's A and B and uses batched matmuls, one LoRA's work per token (dispatch
 one-hot gates would do E times that); forward_naive is the loop over experts with one-hot gates.
 Option routing="token" (docs/interpretations.md): a soft softmax router per token, trained with the
 LM loss plus each token's CE against its sequence's domain, and used as weights at inference.
+With token_input="prefix" (the default) a token's router reads the mean of the layer's input over
+the positions up to it (causal, so generation sees the same), the task token among them;
+token_input="token" reads the token's own input. A token's own input in the first block's q, k, v
+is its embedding and position only, where a digit looks the same in every domain, so those
+routers cannot beat chance there (README, "Default runs").
 For a fixed domain, `merge` folds B_j A_j into W0 (serving one domain, as MOELoRA merges a task),
 and `extract_domain` makes LoRA j a plain LoRA layer again (for lora.save_peft). `from_loras`
 builds a MoA from LoRAs trained elsewhere (lora.read_peft), leaving only the routers to train.
@@ -25,7 +30,12 @@ Not included: stage 2 fine-tuning of the LoRAs (the paper does not settle it); L
 Deviations (all unverified design choices): one router per adapted linear reading
 that layer's own input; the layers' CEs are averaged, not summed, so lambda
 does not scale with depth. With gold routing and frozen LoRAs the LM loss has no gradient in
-stage 2: only the CE trains the routers there.
+stage 2: only the CE trains the routers there. The paper's learning rates are not known: stage 2
+trains at router_lr_scale = 10 times the LoRAs' lr, because at one shared lr the routers, linear
+maps from N(0, 0.02^2), were still far from fitting the CE when the stage's steps ran out, though
+the domain is linearly separable in every layer's pooled prompt; a router wrong in any one of the
+layers sends the whole sequence through another LoRA there (README, "Default runs").
+`--cfg router_lr_scale=1` is one lr for every stage.
 """
 import copy
 from dataclasses import dataclass, replace
@@ -48,6 +58,8 @@ class MoAConfig:
     prompt_len: int = 8           # P, positions the sequence router pools (train.py: L + 2)
     router_loss_coef: float = 1.0  # lambda, weight of the router CE
     stage_steps: tuple = (1.0, 0.5)    # shares of --steps: all LoRAs (stage 1), router (stage 2)
+    router_lr_scale: float = 10.0      # stage 2's peak lr, a multiple of --lr (1.0: one lr for all)
+    token_input: str = "prefix"   # routing="token": "prefix" mean of x up to the token, or "token"
     targets: tuple = ("q", "k", "v", "o", "up", "down")
 
     def __post_init__(self):
@@ -57,6 +69,8 @@ class MoAConfig:
                     "'sequence' or 'token'")
         check_field(c, "router_loss_coef", self.router_loss_coef, self.router_loss_coef > 0,
                     "> 0 (with gold routing the CE is the routers' only signal)")
+        check_field(c, "token_input", self.token_input, self.token_input in ("prefix", "token"),
+                    "'prefix' or 'token'")
         check_field(c, "stage_steps", self.stage_steps,
                     len(self.stage_steps) == 2 and all(is_real(f) and f > 0 for f in self.stage_steps),
                     "2 shares > 0 (LoRAs, router)")
@@ -79,7 +93,7 @@ class MoALinear(AdaptedLinear):
     def __init__(self, base: nn.Linear, cfg: MoAConfig):
         super().__init__(base)
         I, O, E, r = base.in_features, base.out_features, cfg.num_domains, cfg.rank
-        self.routing, self.prompt_len = cfg.routing, cfg.prompt_len
+        self.routing, self.prompt_len, self.token_input = cfg.routing, cfg.prompt_len, cfg.token_input
         self.scaling = cfg.alpha / r
         self.lora_A = nn.Parameter(torch.empty(E, r, I))
         self.lora_B = nn.Parameter(torch.empty(E, O, r))
@@ -101,7 +115,11 @@ class MoALinear(AdaptedLinear):
         if self.active is not None:                      # stage 1: LoRA j alone
             idx = torch.full((B,), self.active, device=x.device)
         elif self.routing == "token":                    # soft, per token
+            if self.token_input == "prefix":             # mean of x[0..t] for token t, causal
+                counts = torch.arange(1, T + 1, device=x.device, dtype=x.dtype)    # (T,)
+                x = x.cumsum(1) / counts[:, None]                                 # (B, T, I)
             self.logits, probs, _, _ = route(x.reshape(-1, I), self.router, E)    # (N, E)
+            self.router.gates = probs.detach()           # for the expert usage
             return probs, None
         else:
             pooled = x[:, :self.prompt_len].mean(1)                  # (B, I)  mean over the prompt
@@ -109,7 +127,8 @@ class MoALinear(AdaptedLinear):
             teacher = self.training and self.gold is not None
             idx = self.gold if teacher else self.logits.argmax(-1)   # (B,) gold / argmax
         gates = F.one_hot(idx, E).to(x.dtype)[:, None].expand(B, T, E)   # (B, T, E)
-        return gates.reshape(B * T, E), idx
+        self.router.gates = gates.reshape(B * T, E)     # the one-hot of each sequence's LoRA
+        return self.router.gates, idx
 
     def update(self, x, dispatch):
         """x (B, T, I) -> (B, T, O): each sequence's LoRA, or the soft per-token mix. The fast path
@@ -246,6 +265,6 @@ def moa_stages(cfg: MoAConfig, domains: tuple, general: str, new: str | None = N
                   params=lambda layers: [p for m in layers for p in (m.lora_A, m.lora_B)])
             for j, t in enumerate(domains) if new in (None, t)]
     plan.append(Stage("router", tuple(domains), setup=stage_mode(None), on_batch=_set_gold,
-                      extra_loss=router_ce, steps_frac=router_frac,
+                      extra_loss=router_ce, steps_frac=router_frac, lr_scale=cfg.router_lr_scale,
                       params=lambda layers: [m.router.weight for m in layers]))
     return plan

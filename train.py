@@ -35,8 +35,8 @@ from moa import MoAConfig, MoALinear, moa_metrics, moa_stages
 from modula import MoDULAConfig, MoDULALinear, modula_stages
 from molora import MoLoRAConfig, MoLoRALinear, molora_num_params
 from mosld import MoSLDConfig, MoSLDLinear
-from trainutil import (config_overrides, global_mean, init_distributed, load_checkpoint, lr_at,
-                       print_results, rng_state, save_atomic, set_rng_state)
+from trainutil import (config_overrides, expert_usage, global_mean, init_distributed, load_checkpoint,
+                       lr_at, print_results, print_usage, rng_state, save_atomic, set_rng_state)
 
 METHODS = {
     "lora": (LoRAConfig, LoRALinear),
@@ -394,15 +394,15 @@ def fine_tune(run: Run, setup: Setup, model, layers, plan: list, base_sha: str) 
         extra = stage.extra_loss or (lambda layers: 0.0)
         on_batch = stage.on_batch or (lambda layers, ids: None)
         domain_of = domain_ids(setup, run.device)
-        t0 = time.perf_counter()
-        tps, loss = train(run, model, params, stage.tasks, steps, args.lr, f"{args.method} {stage.name}",
+        t0, lr = time.perf_counter(), args.lr * stage.lr_scale
+        tps, loss = train(run, model, params, stage.tasks, steps, lr, f"{args.method} {stage.name}",
                           extra_loss=lambda: aux_loss(model) + extra(layers),
                           on_batch=lambda ids: on_batch(layers, domain_of[ids]),
                           start=begin, opt_state=ckpt["optimizer"] if begin else None,
                           checkpoint=lambda done, opt: save_ckpt(i, done, opt))
         dt = time.perf_counter() - t0
         log["tokens"], log["seconds"] = log["tokens"] + tps * dt, log["seconds"] + dt
-        log["stages"].append({"stage": stage.name, "steps": steps, "seconds": round(dt, 2),
+        log["stages"].append({"stage": stage.name, "steps": steps, "lr": lr, "seconds": round(dt, 2),
                               "trainable_params": count_trainable(model), "final_loss": loss,
                               "params_changed": sum(int((t != b).sum()) for t, b in zip(params, before))})
         save_ckpt(i, steps, None)                          # the stage is done
@@ -413,15 +413,21 @@ def fine_tune(run: Run, setup: Setup, model, layers, plan: list, base_sha: str) 
 
 
 def evaluate(run: Run, setup: Setup, model, layers) -> tuple[dict, dict]:
-    """Accuracy on every task, and the method's own measurements: MoA's router accuracy, and for
-    staged methods each domain through its own expert alone (the experts apart from the router)."""
+    """Accuracy on every task, and the method's own measurements: which expert each task uses
+    (routed methods), MoA's router accuracy, and for staged methods each domain through its own
+    expert alone (the experts apart from the router)."""
     acc, extra, args = accuracies(run, model), {}, run.args
+    ids = torch.arange(len(tasks.ALL_TASKS)).repeat_interleave(100)   # 100 held-out sequences per task
+    x_usage, _ = tasks.lm_inputs(*tasks.make_batch(ids, args.digits, "eval", torch.Generator().manual_seed(4321)))
+    extra["expert_usage"] = expert_usage(model, x_usage.to(run.device), ids.to(run.device), tasks.ALL_TASKS)
+    extra["expert_names"] = (["universal"] * (getattr(setup.cfg, "variant", "") == "flan")
+                             + list(setup.domains) if args.method in STAGES else None)
     if args.method in EXTRA_METRICS:                       # e.g. MoA's router accuracy
         gen = torch.Generator().manual_seed(4321)
         ids = tasks.task_ids_for(setup.domains, args.eval_examples, gen)
         x_eval, _ = tasks.lm_inputs(*tasks.make_batch(ids, args.digits, "eval", gen))
-        extra = EXTRA_METRICS[args.method](model, layers, x_eval.to(run.device),
-                                           domain_ids(setup, run.device)[ids.to(run.device)])
+        extra.update(EXTRA_METRICS[args.method](model, layers, x_eval.to(run.device),
+                                                domain_ids(setup, run.device)[ids.to(run.device)]))
     if args.method in STAGES:
         oracle = {}
         for j, t in enumerate(setup.domains):
@@ -438,6 +444,7 @@ def evaluate(run: Run, setup: Setup, model, layers) -> tuple[dict, dict]:
 def write_results(run: Run, setup: Setup, model, metrics: dict, base_path: str, base_sha: str):
     """The table, the adapter and metrics.json (each written whole, or not at all)."""
     args = run.args
+    print_usage(metrics["expert_usage"], metrics["expert_names"])
     print_results(metrics, tasks.GENERAL)
     save_adapter(model, os.path.join(setup.out_dir, "adapter.safetensors"),
                  meta={"method": args.method, "variant": args.variant, "config": metrics["config"],

@@ -1,5 +1,6 @@
 """train.py's plumbing: several processes (torchrun), random-number state, resumable checkpoints,
-the run's settings (config overrides, learning-rate schedule) and its final table.
+the run's settings (config overrides, learning-rate schedule), its final table and the expert
+usage it records.
 
 Kept apart so that train.py still reads top to bottom as one run. Nothing here knows a method.
 
@@ -18,7 +19,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from common import atomic_write, first_line
+from common import AdaptedLinear, Router, atomic_write, first_line
 
 
 def init_distributed(device: str):
@@ -143,3 +144,50 @@ def print_results(m: dict, general: str):
         print(f"added {added['task']}: {added['params_touched']:,} parameters touched, "
               f"{added['touched_share']:.1%} of a MoLoRA retrain ({added['molora_retrain_params']:,}); "
               f"largest old-task drop {added['max_old_task_drop']:+.1%}")
+
+
+# ----------------------------------------------------------------------------- expert usage
+
+
+@torch.no_grad()
+def expert_usage(model, x: torch.Tensor, labels: torch.Tensor, names) -> dict:
+    """Which experts each task uses: {layer name: {task name: [mean gate of each expert]}}.
+
+    x (B, T) token ids, labels (B,) indices into `names` (the task of each sequence). One forward
+    in eval mode; every adapted layer whose Router kept gates contributes the mean of its tokens'
+    gates (N = B*T, E), first over each sequence's T tokens, then over the sequences of each task.
+    Tasks without a sequence in x are left out, and so are layers whose forward did not route
+    (a MoDULA layer in a single-expert stage)."""
+    routers = {name: m.router for name, m in model.named_modules()
+               if isinstance(m, AdaptedLinear) and isinstance(getattr(m, "router", None), Router)}
+    for router in routers.values():
+        router.gates = None                                        # no stale gates from before
+    was_training = model.training
+    model.eval()
+    model(x)
+    model.train(was_training)
+    usage = {}
+    for name, router in routers.items():
+        if router.gates is not None:
+            per_seq = router.gates.view(*x.shape, -1).float().mean(1)   # (B, E)
+            usage[name] = {t: per_seq[labels == i].mean(0).tolist()
+                           for i, t in enumerate(names) if (labels == i).any()}
+    return usage
+
+
+def print_usage(usage: dict, expert_names: list | None):
+    """expert_usage in one line per adapted layer. With named experts (staged methods: a domain
+    each, MoDULA-Flan's universal one first), each task's share of its gate mass on its own expert,
+    and for a task without one (the general task) its top expert; otherwise each task's top expert
+    (e0, e1, ...) and its share."""
+    if not usage:
+        return
+    print("expert usage: " + ("share of each task's gate mass on its own expert" if expert_names
+                              else "each task's top expert and its share of the gate mass"))
+    for layer, per_task in usage.items():
+        cells = []
+        for t, g in per_task.items():
+            names = expert_names or [f"e{e}" for e in range(len(g))]
+            top = max(range(len(g)), key=g.__getitem__)
+            cells.append(f"{t} {g[names.index(t)]:.2f}" if t in names else f"{t} {names[top]} {g[top]:.2f}")
+        print(f"  {layer:<20} " + "  ".join(cells))

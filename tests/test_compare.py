@@ -205,3 +205,19 @@ def test_report_rebuilds_results_md_from_results_json(tmp_path):
     notes = md.split("## Notes")[1]
     assert "- lora seed 3: FAILED, exit 1" in notes and "old line" not in notes
     assert sum(line.startswith("- plot") for line in notes.splitlines()) == 1     # the plot's line, redone
+
+
+def test_plot_usage_draws_routed_runs_of_seed_0(tmp_path):
+    usage = {f"blocks.{b}.attn.{t}": {"add1": [0.9, 0.1], "neg": [0.2, 0.8]} for b in (0, 1) for t in "qv"}
+    records = [{"run": "molora-soft", "row": "MoLoRA soft", "seed": 0, "expert_usage": usage},
+               {"run": "molora-soft", "row": "MoLoRA soft", "seed": 1, "expert_usage": usage},
+               {"run": "lora", "row": "LoRA", "seed": 0, "expert_usage": {}}]
+    assert compare.plot_usage(records[2:], str(tmp_path)) == "expert-usage heatmaps: no routed run"
+    note = compare.plot_usage(records, str(tmp_path))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert note.startswith("expert-usage heatmaps skipped")
+        return
+    assert note == "expert usage: [MoLoRA soft](usage-molora-soft.png)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["usage-molora-soft.png"]

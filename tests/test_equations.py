@@ -208,22 +208,35 @@ def test_malora(training, renormalize):
 
 # ----------------------------------------------------------------------------- MoDULA
 
-MODULA = dict(num_domains=4, universal_rank=4, domain_rank=3, alpha=5.0, negative_slope=0.2)
+MODULA = dict(num_domains=4, universal_rank=4, domain_rank=3, alpha=5.0, negative_slope=0.2,
+              prompt_len=3)
 C_U, C_D = 5.0 / 4, 5.0 / 3                          # c_j = alpha / r_j
+ROUTER_INPUT = pytest.mark.parametrize("router_input", ["token", "prompt"])
 
 
 def universal(layer, x):
     """c_* B_* A_* x."""
-    return C_U * torch.einsum("ni,ri,or->no", x, layer.universal_A, layer.universal_B)
+    return C_U * torch.einsum("...i,ri,or->...o", x, layer.universal_A, layer.universal_B)
+
+
+def modula_gates(layer, x, router_input):
+    """s = softmax(W_R x) per token (Eq. 5-8), or, routing by the prompt (our interpretation),
+    softmax(W_R mean_{t < P} x_b[t]) for every token of sequence b. x (B, T, I) -> (B, T, E)."""
+    if router_input == "token":
+        return softmax_gates(x, layer.router.weight)
+    pooled = x[:, :MODULA["prompt_len"]].mean(1, keepdim=True)           # (B, 1, I)
+    return softmax_gates(pooled, layer.router.weight).expand(*x.shape[:-1], -1)
 
 
 @TRAIN_EVAL
+@ROUTER_INPUT
 @pytest.mark.parametrize("active", [None, UNIVERSAL, 2], ids=["routed", "stage1", "stage2-domain2"])
-def test_modula_flan(training, active):
-    """Routed (Eq. 5-8): s = softmax(W_R x) over (*, 1..n), row 0 the universal expert;
+def test_modula_flan(training, router_input, active):
+    """Routed (Eq. 5-8): s over (*, 1..n), row 0 the universal expert;
     y = W0 x + s_* c_* B_* A_* x + sum_i s_i c_d B_i A_i x.
     Stage 1: y = W0 x + c_* B_* A_* x. Stage 2, domain i (Eq. 4): y = W0 x + c_d B_i A_i x."""
-    layer = moved(MoDULALinear(nn.Linear(I, O), MoDULAConfig(variant="flan", **MODULA)))
+    cfg = MoDULAConfig(variant="flan", router_input=router_input, **MODULA)
+    layer = moved(MoDULALinear(nn.Linear(I, O), cfg))
     layer.active = active
     assert (layer.scaling, layer.scaling_universal) == (C_D, C_U)
     assert layer.router.weight.shape == (5, I)                            # n + 1 rows
@@ -231,38 +244,40 @@ def test_modula_flan(training, active):
     def reference(x):
         if active == UNIVERSAL:
             return frozen(layer, x) + universal(layer, x)
-        domain = torch.einsum("ni,eri,eor->neo", x, layer.lora_A, layer.lora_B)    # (N, n, O)
+        domain = torch.einsum("bti,eri,eor->bteo", x, layer.lora_A, layer.lora_B)    # (B, T, n, O)
         if active is not None:
-            return frozen(layer, x) + C_D * domain[:, active]
-        s = softmax_gates(x, layer.router.weight)                         # (N, n + 1)
-        return (frozen(layer, x) + s[:, :1] * universal(layer, x)
-                + C_D * torch.einsum("ne,neo->no", s[:, 1:], domain))
+            return frozen(layer, x) + C_D * domain[:, :, active]
+        s = modula_gates(layer, x, router_input)                          # (B, T, n + 1)
+        return (frozen(layer, x) + s[..., :1] * universal(layer, x)
+                + C_D * torch.einsum("bte,bteo->bto", s[..., 1:], domain))
 
-    assert_matches(layer, reference, torch.randn(9, I, dtype=torch.float64), training)
+    assert_matches(layer, reference, torch.randn(2, 5, I, dtype=torch.float64), training)
 
 
 @TRAIN_EVAL
+@ROUTER_INPUT
 @pytest.mark.parametrize("active", [None, UNIVERSAL, 2], ids=["routed", "stage1", "stage2-domain2"])
-def test_modula_res(training, active):
-    """h = c_* B_* A_* x, always on (Eq. 9); s = softmax(W_R x) over the n domains, from x;
+def test_modula_res(training, router_input, active):
+    """h = c_* B_* A_* x, always on (Eq. 9); s over the n domains, from x (not h);
     y = W0 x + h + sum_i s_i c_d B_i LeakyReLU(A_i h), A_i (r_d, O) (Eq. 10-12).
     Stage 1: y = W0 x + h. Stage 2, domain i: y = W0 x + h + c_d B_i LeakyReLU(A_i h)."""
-    layer = moved(MoDULALinear(nn.Linear(I, O), MoDULAConfig(variant="res", **MODULA)))
+    cfg = MoDULAConfig(variant="res", router_input=router_input, **MODULA)
+    layer = moved(MoDULALinear(nn.Linear(I, O), cfg))
     layer.active = active
     assert layer.router.weight.shape == (4, I) and layer.lora_A.shape == (4, 3, O)
 
     def reference(x):
-        h = universal(layer, x)                                           # (N, O)
+        h = universal(layer, x)                                           # (B, T, O)
         if active == UNIVERSAL:
             return frozen(layer, x) + h
-        u = leaky_relu(torch.einsum("no,ero->ner", h, layer.lora_A), MODULA["negative_slope"])
-        domain = torch.einsum("ner,eor->neo", u, layer.lora_B)            # (N, n, O)
+        u = leaky_relu(torch.einsum("bto,ero->bter", h, layer.lora_A), MODULA["negative_slope"])
+        domain = torch.einsum("bter,eor->bteo", u, layer.lora_B)          # (B, T, n, O)
         if active is not None:
-            return frozen(layer, x) + h + C_D * domain[:, active]
-        s = softmax_gates(x, layer.router.weight)                         # (N, n): reads x, not h
-        return frozen(layer, x) + h + C_D * torch.einsum("ne,neo->no", s, domain)
+            return frozen(layer, x) + h + C_D * domain[:, :, active]
+        s = modula_gates(layer, x, router_input)                          # (B, T, n): reads x, not h
+        return frozen(layer, x) + h + C_D * torch.einsum("bte,bteo->bto", s, domain)
 
-    assert_matches(layer, reference, torch.randn(9, I, dtype=torch.float64), training)
+    assert_matches(layer, reference, torch.randn(2, 5, I, dtype=torch.float64), training)
 
 
 # ----------------------------------------------------------------------------- MoA
@@ -270,8 +285,9 @@ def test_modula_res(training, active):
 B_, T_, P_, E_ = 3, 7, 4, 5                           # sequences, time, prompt positions, domains
 
 
-def moa(routing):
-    cfg = MoAConfig(num_domains=E_, rank=3, alpha=5.0, routing=routing, prompt_len=P_)
+def moa(routing, token_input="prefix"):
+    cfg = MoAConfig(num_domains=E_, rank=3, alpha=5.0, routing=routing, prompt_len=P_,
+                    token_input=token_input)
     layer = moved(MoALinear(nn.Linear(I, O), cfg))
     assert layer.scaling == 5.0 / 3
     return layer
@@ -301,14 +317,16 @@ def test_moa_sequence(training):
 
 
 @TRAIN_EVAL
-def test_moa_token(training):
-    """Token routing: p_t = softmax(W_r x_t), y_t = W0 x_t + (alpha / r) sum_j p_tj B_j A_j x_t,
-    soft in training and at inference."""
-    layer = moa("token")
+@pytest.mark.parametrize("token_input", ["token", "prefix"])
+def test_moa_token(training, token_input):
+    """Token routing: p_t = softmax(W_r u_t), y_t = W0 x_t + (alpha / r) sum_j p_tj B_j A_j x_t,
+    soft in training and at inference; u_t = x_t, or the causal prefix mean of x_0..x_t."""
+    layer = moa("token", token_input)
     layer.gold = torch.tensor([0, 3, 1])                                  # only the CE reads it
 
     def reference(x):
-        p = torch.softmax(x @ layer.router.weight.T, -1)                  # (B, T, E)
+        u = x if token_input == "token" else torch.stack([x[:, :t + 1].mean(1) for t in range(T_)], 1)
+        p = torch.softmax(u @ layer.router.weight.T, -1)                  # (B, T, E)
         return frozen(layer, x) + torch.einsum("bte,bteo->bto", p, loras(layer, x))
 
     assert_matches(layer, reference, torch.randn(B_, T_, I, dtype=torch.float64), training)

@@ -105,12 +105,15 @@ def test_aux_loss_is_the_mean_over_layers_of_coefficient_times_loss():
 B_, T_, P_, I_, E_ = 3, 7, 4, 37, 5
 
 
-@pytest.mark.parametrize("routing", ["sequence", "token"])
+@pytest.mark.parametrize("routing", ["sequence", "token", "token-prefix"])
 def test_moa_router_ce_is_cross_entropy_on_the_gold_domains(routing):
-    """Sequence: CE(W_r mean_{t < P} x_b[t], k_b) over the B sequences. Token: CE(W_r x_bt, k_b)
-    over the B T tokens, each labelled with its own sequence's domain."""
+    """Sequence: CE(W_r mean_{t < P} x_b[t], k_b) over the B sequences. Token: CE(W_r u_bt, k_b)
+    over the B T tokens, each labelled with its own sequence's domain; u_bt = x_bt, or the mean
+    of x_b0..x_bt (token_input="prefix")."""
     torch.manual_seed(0)
-    layer = MoALinear(nn.Linear(I_, 53), MoAConfig(num_domains=E_, routing=routing, prompt_len=P_))
+    token_input = "prefix" if routing == "token-prefix" else "token"
+    cfg = MoAConfig(num_domains=E_, routing=routing.split("-")[0], prompt_len=P_, token_input=token_input)
+    layer = MoALinear(nn.Linear(I_, 53), cfg)
     layer = layer.double().train()
     nn.init.normal_(layer.router.weight, std=0.5)
     layer.gold = torch.tensor([4, 0, 2])
@@ -121,7 +124,8 @@ def test_moa_router_ce_is_cross_entropy_on_the_gold_domains(routing):
         want = F.cross_entropy(x[:, :P_].mean(1) @ W.T, layer.gold)
     else:
         labels = layer.gold[:, None].expand(B_, T_).reshape(-1)          # (B T,) row b*T + t -> k_b
-        want = F.cross_entropy(x.reshape(-1, I_) @ W.T, labels)
+        u = x if token_input == "token" else torch.stack([x[:, :t + 1].mean(1) for t in range(T_)], 1)
+        want = F.cross_entropy(u.reshape(-1, I_) @ W.T, labels)
     torch.testing.assert_close(layer.router_loss(), want)
 
 
