@@ -14,8 +14,8 @@ A verdict is holds, contradicted or inconclusive, from the paired 95 % interval 
 difference (`judge`, `beats`, `at_least`); it needs at least MIN_SEEDS seeds.
 
 Budget: every run gets the same --steps (a staged method runs each stage for the share of it that
-its config's stage_steps sets; each per-task LoRA gets steps / number of tasks, so it sees as many
-examples of its task as the mixture run does) and the same per-expert --rank, with alpha = 2 rank,
+its config's stage_steps sets; each per-task LoRA gets all the steps on its one task, as many
+optimiser steps as a joint run takes in total) and the same per-expert --rank, with alpha = 2 rank,
 so that every scaling alpha / r stays at the methods' default 2. All runs start from one base
 model, pretrained once (seed 0).
 """
@@ -47,9 +47,10 @@ OWN_A = "MoLoRA top-2, q/v, E=5 (own A per expert)"     # MoSLD's experts withou
 BUDGET_NOTE = """Why rank 2 by default, not the methods' own 8: on these tasks one rank-8 LoRA learns
 every digit map of the mixture in 300 steps (add1/subst/neg/mul3 at 99.7-100% in a first
 investigation), so nothing interferes and all methods tie at the ceiling. At rank 2 one LoRA no
-longer holds the maps of all tasks, while a rank-2 LoRA per task still learns its own in a fifth of
-the steps: the interference the mixture methods are meant to remove (check 1 below). A task that no
-run learns in the budget (0% everywhere) lowers every mean alike."""
+longer holds the maps of all tasks, while a rank-2 LoRA per task still learns its own (the row
+"LoRA, one per task", whose optimiser steps the table states): the interference the mixture methods
+are meant to remove (check 1 below). A task that no run learns in the budget (0% everywhere) lowers
+every mean alike."""
 
 # ----------------------------------------------------------------------------- arguments
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -116,7 +117,7 @@ def run_table(r: int, matched: int) -> list:
     only = lambda t: tuple(a for u in tasks.TASKS if u != t for a in ("--exclude-task", u))
     return [
         Run("lora", MIX, m("lora")),
-        *[Run(f"lora-{t}", PER_TASK, m("lora", *only(t)), 1 / len(tasks.TASKS), task=t)
+        *[Run(f"lora-{t}", PER_TASK, m("lora", *only(t)), task=t)   # as many steps as a joint run
           for t in tasks.TASKS],
         Run("molora-soft", "MoLoRA soft", m("molora", "--variant", "soft")),
         Run("molora-top2", "MoLoRA top-2", m("molora", "--variant", "top2")),
@@ -194,8 +195,9 @@ def fmt(values, digits=1) -> str:
 
 
 def summarize(records: list) -> dict:
-    """row -> one dict per seed, in seed order: accuracy per task, mean and general (in %), trainable
-    parameters, tokens/s and wall seconds (summed over the runs of a row), add-a-domain report."""
+    """row -> one dict per seed, in seed order: accuracy per task, mean, per-digit mean and general
+    (in %), trainable parameters, optimiser steps, tokens trained, tokens/s and wall seconds (summed
+    over the runs of a row), add-a-domain report."""
     rows = {}
     for rec in records:
         rows.setdefault(rec["row"], {}).setdefault(rec["seed"], []).append(rec)
@@ -206,7 +208,11 @@ def summarize(records: list) -> dict:
             if own and set(own) != set(tasks.TASKS):
                 continue                                # a one-task run of this seed is missing
             acc = {t: 100 * own.get(t, rs[0])["per_task_accuracy"][t] for t in tasks.TASKS}
+            digit = [own.get(t, rs[0]).get("per_task_digit_accuracy", {}).get(t) for t in tasks.TASKS]
             out.setdefault(row, []).append({
+                "digit_mean": None if None in digit else 100 * statistics.mean(digit),
+                "opt_steps": sum(st["steps"] for r in rs for st in r["stages"]),     # every stage
+                "tokens": sum(r.get("tokens_trained", 0) for r in rs) or None,
                 "seed": seed, "acc": acc, "mean": statistics.mean(acc.values()), "new": acc[NEW],
                 "general": 100 * statistics.mean(r["general_accuracy"] for r in rs),
                 "base_general": 100 * rs[0]["base_accuracy"][tasks.GENERAL],
@@ -448,16 +454,20 @@ inconclusive whatever its interval ("ours" gives what the interval alone says)."
 
 def report(S: dict, rows: list, checks: list, head: list, notes: list) -> str:
     """RESULTS.md: the budget, the comparison table (mean ± std over seeds), the verdicts."""
-    cols = [*tasks.TASKS, "mean", f"{tasks.GENERAL} (general)"]
+    cols = [*tasks.TASKS, "mean", "per-digit mean", f"{tasks.GENERAL} (general)"]
+    opt = lambda ss, k: "—" if ss[0][k] is None else f"{ss[0][k]:,}"            # noqa: E731
     out = [*head, "", "## Comparison (exact-match accuracy %, mean ± std over seeds)", "",
-           f"| method | trainable params | {' | '.join(cols)} | tokens/s | wall s |",
-           "|---" * (len(cols) + 4) + "|"]
+           "Optimiser steps and tokens are those of one seed, summed over every run and stage of the "
+           "row (tokens — : not recorded by the train.py that ran it).", "",
+           f"| method | trainable params | {' | '.join(cols)} | optimiser steps | tokens | tokens/s | wall s |",
+           "|---" * (len(cols) + 6) + "|"]
     for row in (r for r in rows if r in S):
         ss = S[row]
         accs = [fmt([s["acc"][t] for s in ss]) for t in tasks.TASKS]
+        digits = "—" if ss[0]["digit_mean"] is None else fmt([s["digit_mean"] for s in ss])
         out.append(f"| {row} | {ss[0]['params']:,} | {' | '.join(accs)} | {fmt([s['mean'] for s in ss])} | "
-                   f"{fmt([s['general'] for s in ss])} | {fmt([s['tps'] for s in ss], 0)} | "
-                   f"{fmt([s['wall'] for s in ss], 0)} |")
+                   f"{digits} | {fmt([s['general'] for s in ss])} | {opt(ss, 'opt_steps')} | "
+                   f"{opt(ss, 'tokens')} | {fmt([s['tps'] for s in ss], 0)} | {fmt([s['wall'] for s in ss], 0)} |")
     if any(sweep_row(label, r) in S for label in SWEEP for r in SWEEP_RANKS):
         out += ["", "## Rank sweep (check 5): mean task accuracy %, trainable parameters", "",
                 f"| method | {' | '.join(f'rank {r}' for r in SWEEP_RANKS)} |", "|---" * (len(SWEEP_RANKS) + 1) + "|"]

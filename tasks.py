@@ -17,7 +17,7 @@ hold several conflicting maps at once, keyed only by the task token:
 
 Held-out data: an input belongs to the eval split when a hash of its digits is 0 mod 10, so no
 eval input is ever trained on, in any task. Accuracy is exact match of the L answer digits under
-greedy decoding.
+greedy decoding; per-digit accuracy, beside it, counts each answer digit alone.
 """
 import torch
 
@@ -88,11 +88,12 @@ def task_ids_for(names, n: int, gen: torch.Generator) -> torch.Tensor:
 
 
 @torch.no_grad()
-def accuracy(model, task: str, n: int, L: int, seed: int = 1234, batch: int = 250) -> float:
-    """Exact-match accuracy of greedy decoding on n held-out examples of one task."""
+def scores(model, task: str, n: int, L: int, seed: int = 1234, batch: int = 250) -> tuple:
+    """(exact-match accuracy, per-digit accuracy) of greedy decoding on n held-out examples of one
+    task. Exact match needs all L answer digits right; per-digit counts each digit alone."""
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
-    correct = 0
+    exact = digits = 0
     for start in range(0, n, batch):
         m = min(batch, n - start)
         tokens, P = make_batch(torch.full((m,), ALL_TASKS.index(task)), L, "eval", gen)
@@ -101,5 +102,12 @@ def accuracy(model, task: str, n: int, L: int, seed: int = 1234, batch: int = 25
             logits = model(seq)
             logits = logits[0] if isinstance(logits, tuple) else logits
             seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-        correct += (seq[:, P:].cpu() == tokens[:, P:P + L]).all(-1).sum().item()
-    return correct / n
+        right = seq[:, P:].cpu() == tokens[:, P:P + L]                     # (m, L)
+        exact += right.all(-1).sum().item()
+        digits += right.sum().item()
+    return exact / n, digits / (n * L)
+
+
+def accuracy(model, task: str, n: int, L: int, seed: int = 1234, batch: int = 250) -> float:
+    """Exact-match accuracy of greedy decoding on n held-out examples of one task."""
+    return scores(model, task, n, L, seed, batch)[0]

@@ -281,12 +281,17 @@ def base_model(run: Run):
 # ----------------------------------------------------------------------------- inject the method
 
 
-def accuracies(run: Run, model) -> dict:
-    """Held-out exact-match accuracy on every task (rank 0 only: the others get {})."""
+def accuracies(run: Run, model, per_digit: dict | None = None) -> dict:
+    """Held-out exact-match accuracy on every task (rank 0 only: the others get {}); each task's
+    per-digit accuracy goes into `per_digit` when one is given."""
     if run.rank > 0:
         return {}
-    return {t: tasks.accuracy(model, t, run.args.eval_examples, run.args.digits)
-            for t in tqdm(tasks.ALL_TASKS, desc="evaluate", dynamic_ncols=True)}
+    acc = {}
+    for t in tqdm(tasks.ALL_TASKS, desc="evaluate", dynamic_ncols=True):
+        acc[t], digit = tasks.scores(model, t, run.args.eval_examples, run.args.digits)
+        if per_digit is not None:
+            per_digit[t] = digit
+    return acc
 
 
 def inject_method(run: Run, setup: Setup, model):
@@ -416,7 +421,9 @@ def evaluate(run: Run, setup: Setup, model, layers) -> tuple[dict, dict]:
     """Accuracy on every task, and the method's own measurements: which expert each task uses
     (routed methods), MoA's router accuracy, and for staged methods each domain through its own
     expert alone (the experts apart from the router)."""
-    acc, extra, args = accuracies(run, model), {}, run.args
+    digits = {}
+    acc, args = accuracies(run, model, digits), run.args
+    extra = {"per_task_digit_accuracy": {t: digits[t] for t in tasks.TASKS}}
     ids = torch.arange(len(tasks.ALL_TASKS)).repeat_interleave(100)   # 100 held-out sequences per task
     x_usage, _ = tasks.lm_inputs(*tasks.make_batch(ids, args.digits, "eval", torch.Generator().manual_seed(4321)))
     extra["expert_usage"] = expert_usage(model, x_usage.to(run.device), ids.to(run.device), tasks.ALL_TASKS)
@@ -493,6 +500,7 @@ def main(argv=None):
         "tokens_per_second": log["tokens"] / log["seconds"] if log["seconds"] else 0.0,
         "finetune_seconds": wall,
         "steps": args.steps, "optimizer_steps": sum(s["steps"] for s in log["stages"]),   # all stages
+        "tokens_trained": round(log["tokens"]),                    # over all stages and processes
         "stages": log["stages"], "tasks": list(setup.domains), **extra,
         "add_domain": report(acc) if report else None,
         "seed": args.seed, "device": args.device, "processes": run.world,

@@ -14,8 +14,8 @@ def test_run_table():
         assert r.after is None or r.after in names[:i]
     one = [r for r in runs if r.task]
     assert [r.task for r in one] == list(tasks.TASKS)
-    for r in one:                                         # trains on its task alone, 1/n of the steps
-        assert r.steps_frac == pytest.approx(1 / len(tasks.TASKS))
+    for r in one:                                   # its task alone, as many steps as a joint run
+        assert r.steps_frac == 1.0
         assert sorted(r.args[i + 1] for i, a in enumerate(r.args) if a == "--exclude-task") == \
             sorted(set(tasks.TASKS) - {r.task})
     matched = next(r for r in runs if r.name == "molora-matched")
@@ -46,8 +46,9 @@ def test_resume_skips_only_the_same_finished_command(tmp_path):
     assert not compare.finished(str(tmp_path), cmd[:-1] + ["20"])     # another budget: run again
 
 
-def record(row, seed, acc, task=None, general=0.5, params=100, tps=1000.0):
+def record(row, seed, acc, task=None, general=0.5, params=100, tps=1000.0, steps=300):
     return {"row": row, "seed": seed, "task": task, "general_accuracy": general,
+            "stages": [{"steps": steps}],
             "per_task_accuracy": {t: acc for t in tasks.TASKS}, "base_accuracy": {tasks.GENERAL: 1.0},
             "trainable_params": params, "tokens_per_second": tps, "wall_seconds": 10.0}
 
@@ -64,6 +65,25 @@ def test_summarize_mean_std():
     assert [s["seed"] for s in per] == [0, 1]
     assert per[0]["params"] == 100 * len(tasks.TASKS) and per[0]["wall"] == 10.0 * len(tasks.TASKS)
     assert per[0]["acc"]["addpos"] == 0 and per[0]["acc"][tasks.TASKS[0]] == 100
+
+
+def test_budget_columns_steps_tokens_and_per_digit():
+    """A row's optimiser steps and tokens sum over its runs (the per-task LoRAs: five runs); the
+    per-digit mean is each task's own run's; records from an older train.py show a dash."""
+    def rec(row, task, digit, seed=0):
+        r = record(row, seed, 0.5, task=task)
+        return {**r, "tokens_trained": 300 * 64 * 14,
+                "per_task_digit_accuracy": {t: digit for t in tasks.TASKS}}
+    recs = [rec("per task", t, 0.9 if t == "addpos" else 1.0) for t in tasks.TASKS]
+    recs += [rec("mix", None, 0.8), record("old", 0, 0.5)]
+    S = compare.summarize(recs)
+    assert S["per task"][0]["opt_steps"] == 5 * 300 and S["per task"][0]["tokens"] == 5 * 300 * 64 * 14
+    assert S["per task"][0]["digit_mean"] == pytest.approx(100 * (4 + 0.9) / 5)
+    assert S["mix"][0]["opt_steps"] == 300 and S["mix"][0]["digit_mean"] == pytest.approx(80)
+    assert S["old"][0]["tokens"] is None and S["old"][0]["digit_mean"] is None
+    table = compare.report(S, ["per task", "mix", "old"], [], ["# t"], [])
+    assert "| per task | 500 |" in table and "| 98.0 | 50.0 | 1,500 | 1,344,000 |" in table
+    assert "| old | 100 |" in table and "| — | 50.0 | 300 | — |" in table
 
 
 def seeds(values, **extra):
