@@ -206,8 +206,8 @@ def lm_loss(model, x, y):
 
 def train(run: Run, model, params, task_names, steps, peak_lr, desc, extra_loss=lambda: 0.0,
           on_batch=lambda ids: None, start=0, opt_state=None, checkpoint=None):
-    """AdamW over `params` for steps start..steps-1 on a mixture of `task_names`. Returns tokens/s
-    and the last logged loss. checkpoint(done, opt) runs every --ckpt-every steps but the last."""
+    """AdamW over `params` for steps start..steps-1 on a mixture of `task_names`. Returns the last
+    logged loss. checkpoint(done, opt) runs every --ckpt-every steps but the last."""
     args = run.args
     opt = torch.optim.AdamW(params, lr=peak_lr, weight_decay=0.0)
     if opt_state is not None:
@@ -216,7 +216,7 @@ def train(run: Run, model, params, task_names, steps, peak_lr, desc, extra_loss=
     mode = args.compile_mode or ("reduce-overhead" if run.device.type == "cuda" else "default")
     step_fn = torch.compile(net, mode=mode) if args.compile else net
     model.train()
-    t0, value = time.perf_counter(), math.nan
+    value = math.nan
     bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps, dynamic_ncols=True,
                disable=run.rank > 0)
     for step in bar:
@@ -237,7 +237,7 @@ def train(run: Run, model, params, task_names, steps, peak_lr, desc, extra_loss=
         if save:
             checkpoint(step + 1, opt)
     model.eval()
-    return (steps - start) * args.batch_size * x.shape[1] / (time.perf_counter() - t0), value
+    return value
 
 
 # ----------------------------------------------------------------------------- base model
@@ -400,13 +400,14 @@ def fine_tune(run: Run, setup: Setup, model, layers, plan: list, base_sha: str) 
         on_batch = stage.on_batch or (lambda layers, ids: None)
         domain_of = domain_ids(setup, run.device)
         t0, lr = time.perf_counter(), args.lr * stage.lr_scale
-        tps, loss = train(run, model, params, stage.tasks, steps, lr, f"{args.method} {stage.name}",
-                          extra_loss=lambda: aux_loss(model) + extra(layers),
-                          on_batch=lambda ids: on_batch(layers, domain_of[ids]),
-                          start=begin, opt_state=ckpt["optimizer"] if begin else None,
-                          checkpoint=lambda done, opt: save_ckpt(i, done, opt))
+        loss = train(run, model, params, stage.tasks, steps, lr, f"{args.method} {stage.name}",
+                     extra_loss=lambda: aux_loss(model) + extra(layers),
+                     on_batch=lambda ids: on_batch(layers, domain_of[ids]),
+                     start=begin, opt_state=ckpt["optimizer"] if begin else None,
+                     checkpoint=lambda done, opt: save_ckpt(i, done, opt))
         dt = time.perf_counter() - t0
-        log["tokens"], log["seconds"] = log["tokens"] + tps * dt, log["seconds"] + dt
+        tokens = (steps - begin) * args.batch_size * (2 * args.digits + 2)   # every rank's, exactly
+        log["tokens"], log["seconds"] = log["tokens"] + tokens, log["seconds"] + dt
         log["stages"].append({"stage": stage.name, "steps": steps, "lr": lr, "seconds": round(dt, 2),
                               "trainable_params": count_trainable(model), "final_loss": loss,
                               "params_changed": sum(int((t != b).sum()) for t, b in zip(params, before))})
