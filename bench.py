@@ -13,7 +13,7 @@ and for each method (MoLoRA, MoSLD, MALoRA, MoDULA-Flan and -Res, soft over its 
   fused             common.dispatch_fused: the path layer(x) takes below the E / K crossover
   naive dense       layer.forward_naive(x): the loop over experts, every expert on every token
   naive sparse      each expert on its routed tokens only, index_add back (MixLoRA-style, below)
-  grouped           common.dispatch_grouped: pairs sorted by expert, grouped GEMMs
+  grouped           fast.dispatch_grouped: pairs sorted by expert, grouped GEMMs
   fused compiled    with --compile: common.dispatch_compiled, the fused path under torch.compile
 A row's adapter cost is its time minus the frozen base's; every ratio printed is a ratio of
 adapter costs. GFLOP: matmul FLOPs of that forward + backward, adapter part.
