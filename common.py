@@ -84,11 +84,11 @@ class Router(nn.Module):
 
     `router(x)` (N, I) -> gates (N, E), as route(x, router, K)[2] (by fast.gate, whose top-k
     backward is written out). Keeps `idx` (N, K) and `balance_loss`, the Switch loss of the call
-    (both None when soft: the original MoLoRA has no loss), and `gates` detached (expert usage; a
-    layer that routes whole sequences sets it to the per-token gates it used). Opt-in, `router(x, fold=A,
-    dispatch=d)`: when the experts read the same x and d takes x A^T (d.takes_xa: fused yes,
-    loop and grouped no), W_g x rides in the x A^T matmul (fast.fold_router) and `xa` keeps
-    x A^T for d; never for bf16/fp16 x (logits stay float32). Else `xa` is None.
+    (both None when soft: the original MoLoRA has no loss), and `gates` detached (expert usage;
+    a layer that routes whole sequences sets it to the per-token gates it used).
+    Opt-in, `router(x, fold=A, dispatch=d)`: when the experts read the same x and d takes x A^T
+    (d.takes_xa: fused yes, loop and grouped no), W_g x rides in the x A^T matmul
+    (fast.fold_router) and `xa` keeps x A^T for d; never for bf16/fp16 x. Else `xa` is None.
     """
 
     def __init__(self, in_features: int, num_experts: int, top_k: int | None = None,
@@ -105,8 +105,8 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor, fold: torch.Tensor | None = None, dispatch=None) -> torch.Tensor:
         E = self.weight.shape[0]
         self.xa = None
-        takes_xa = getattr(dispatch, "takes_xa", lambda x, E, K: False)
-        if fold is not None and x.dtype == mix_dtype(x) and takes_xa(x, E, self.top_k):
+        takes_xa = getattr(dispatch, "takes_xa", None)             # None: the loop, the grouped path
+        if fold is not None and takes_xa and x.dtype == mix_dtype(x) and takes_xa(x, E, self.top_k):
             self.xa, logits = fast.fold_router(x, fold, self.weight)      # (N, E*r), (N, E)
         else:
             logits = router_logits(x, self.weight)                     # (N, E)

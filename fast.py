@@ -115,7 +115,7 @@ def _cpu_grouped_mm() -> bool:
     try:
         a, W = torch.ones(2, 4), torch.ones(2, 4, 4)
         return torch._grouped_mm(a, W, offs=torch.tensor([1, 2], dtype=torch.int32)).shape == (2, 4)
-    except (AttributeError, RuntimeError, NotImplementedError):
+    except (AttributeError, RuntimeError):                          # no op, or no CPU kernel
         return False
 
 

@@ -14,12 +14,13 @@ that uses them is refused).
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from common import (AdaptedLinear, Conv1DLinear, as_linear, check_config, inject, load_adapter_state,
-                    lora_uniform_)
+from common import (AdaptedLinear, Conv1DLinear, as_linear, atomic_write, check_config, first_line,
+                    inject, load_adapter_state, lora_uniform_)
 
 
 @dataclass
@@ -93,10 +94,11 @@ def save_peft(model: nn.Module, directory: str):
               "base_model_name_or_path": getattr(model, "name_or_path", None) or None}
     tensors = {f"{PEFT_PREFIX}{name}.{part}.weight": getattr(m, part).detach().cpu().contiguous()
                for name, m in layers.items() for part in ("lora_A", "lora_B")}
-    os.makedirs(directory, exist_ok=True)
-    save_file(tensors, os.path.join(directory, PEFT_WEIGHTS), metadata={"format": "pt"})
-    with open(os.path.join(directory, PEFT_CONFIG), "w") as f:
-        json.dump(config, f, indent=2)
+    os.makedirs(directory, exist_ok=True)                  # each file written whole, or not at all
+    atomic_write(os.path.join(directory, PEFT_WEIGHTS),
+                 lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(os.path.join(directory, PEFT_CONFIG),
+                 lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
 
 
 def _peft_config(path: str) -> dict:
@@ -155,8 +157,7 @@ def read_peft(directory: str, model: nn.Module | None = None) -> tuple[LoRAConfi
     try:
         saved = load_file(path)
     except Exception as e:  # safetensors raises several types for a corrupt file
-        raise ValueError(f"{path}: not a readable safetensors file "
-                         f"({(str(e).strip().splitlines() or [''])[0]})") from e
+        raise ValueError(f"{path}: not a readable safetensors file ({first_line(e)})") from e
     state = {}
     for key, t in saved.items():
         module, _, part = key.removeprefix(PEFT_PREFIX).removesuffix(".weight").rpartition(".")

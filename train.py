@@ -17,6 +17,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -363,6 +364,7 @@ def fine_tune(run: Run, setup: Setup, model, layers, plan: list, base_sha: str) 
             fail(str(e))
     log = {"stages": ckpt["stage_log"], "tokens": ckpt["tokens"], "seconds": ckpt["seconds"]}
     os.makedirs(setup.out_dir, exist_ok=True)
+    domain_of = domain_ids(setup, run.device)              # task id -> domain id, for on_batch
 
     def save_ckpt(i, done, opt):
         """The state after `done` steps of stage i, all that --resume needs; rank 0 writes it."""
@@ -398,7 +400,6 @@ def fine_tune(run: Run, setup: Setup, model, layers, plan: list, base_sha: str) 
         before = [t.detach().clone() for t in params]
         extra = stage.extra_loss or (lambda layers: 0.0)
         on_batch = stage.on_batch or (lambda layers, ids: None)
-        domain_of = domain_ids(setup, run.device)
         t0, lr = time.perf_counter(), args.lr * stage.lr_scale
         loss = train(run, model, params, stage.tasks, steps, lr, f"{args.method} {stage.name}",
                      extra_loss=lambda: aux_loss(model) + extra(layers),
@@ -459,11 +460,7 @@ def write_results(run: Run, setup: Setup, model, metrics: dict, base_path: str, 
                        "targets": list(setup.cfg.targets), "layer": setup.layer_cls.__name__,
                        "base_sha256": base_sha, "tasks": list(setup.domains), "base": base_path})
     path = os.path.join(setup.out_dir, "metrics.json")
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(metrics, f, indent=2)
-    atomic_write(path, write)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
     print(f"wrote {path}")
 
 

@@ -149,3 +149,14 @@ def test_exact_match_counts_any_wrong_digit(task):
     half = Scripted(L, wrong_at=L - 1, wrong_rows=lambda d: d[:, 0] < 5)
     expect = (prompts[:, 1] >= 5).float().mean().item()             # same seed, same prompts
     assert tasks.accuracy(half, task, n, L, batch=16) == pytest.approx(expect)
+
+
+def test_per_digit_accuracy_counts_each_answer_digit_alone():
+    """tasks.scores: exact match needs every digit; per-digit counts right digits over n * L, so
+    one wrong digit on every row gives (L - 1) / L, and on half the rows 1 - 1 / (2 L)."""
+    L, n = 3, 40
+    assert tasks.scores(Scripted(L), "neg", n, L, batch=16) == (1.0, 1.0)
+    assert tasks.scores(Scripted(L, wrong_at=1), "neg", n, L, batch=16) == (0.0, pytest.approx(2 / 3))
+    half = Scripted(L, wrong_at=0, wrong_rows=lambda d: d[:, 0] < 5)
+    exact, digit = tasks.scores(half, "neg", n, L, batch=16)
+    assert digit == pytest.approx(1 - (1 - exact) / L)               # each wrong row loses one digit

@@ -154,6 +154,30 @@ def test_grouped_mm_path_compiles_on_cpu(dtype):
         torch.testing.assert_close(o, rf, **tol)
 
 
+def test_grouped_mm_needs_16_byte_rows():
+    """float32 rows must be multiples of 4 elements, bf16 of 8: r = 6 qualifies in neither."""
+    (x, A, B, _), _, _ = routed(N=5, I=40, O=56, E=5, K=2, r=6, dtype=torch.float32)
+    assert not fast.has_grouped_mm(x, A, B)
+    assert fast.has_grouped_mm(x, A[..., :4, :], B[..., :4]) == fast.CPU_GROUPED_MM   # r = 4
+    assert not fast.has_grouped_mm(x.bfloat16(), A[..., :4, :].bfloat16(), B[..., :4].bfloat16())
+
+
+def test_router_folds_only_for_a_dispatch_that_takes_xa(monkeypatch):
+    """The fold forms x A^T only for a dispatch that uses it: fused yes, auto below the crossover
+    yes and past it no, the loop and the grouped path never (xa None). The folded x A^T is x A^T."""
+    (x, A, _, _), _, _ = routed(N=6, I=10, O=9, E=8, K=1, r=2)
+    router = common.Router(10, 8, 2).double()
+    for dispatch, folds in [(dispatch_fused, True), (dispatch_auto, True), (dispatch_naive, False),
+                            (dispatch_grouped, False), (None, False)]:
+        router(x, fold=A, dispatch=dispatch)
+        assert (router.xa is not None) == folds, dispatch
+    monkeypatch.setitem(fast.GROUPED_FROM_E_OVER_K, "cpu", 2)              # E / K = 4: past it
+    router(x, fold=A, dispatch=dispatch_auto)
+    assert router.xa is None
+    router(x, fold=A, dispatch=dispatch_fused)
+    torch.testing.assert_close(router.xa, x @ A.reshape(-1, 10).T)
+
+
 def test_float64_and_unaligned_sizes_take_the_padded_fallback():
     """The padded bmm stays the path where torch._grouped_mm has no kernel; the float64 tests
     above run it."""

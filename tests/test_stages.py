@@ -12,6 +12,7 @@ MALoRA-Small preset give the sizes of MALoRA §3.2 / Tables 1, 8, 11, train.py's
 reach the config, and MoSLD's per-depth expert counts land on the right blocks for depths 4, 8, 32,
 in a model built here and in the adapter train.py writes.
 """
+import dataclasses
 import json
 
 import pytest
@@ -188,3 +189,18 @@ def test_train_py_presets_and_mosld_depths(tmp_path):
     weights = load_file(tmp_path / "increasing" / "adapter.safetensors")
     assert [weights[f"blocks.{i}.attn.{t}.lora_B"].shape[0] for i in range(4) for t in "qv"] == [
         2, 2, 4, 4, 6, 6, 8, 8]
+
+
+@pytest.mark.parametrize("make", [lambda: MoDULAConfig(), lambda: MoAConfig()], ids=["modula", "moa"])
+def test_router_stage_runs_at_router_lr_scale(make):
+    """The router stage's peak lr is router_lr_scale x --lr (10 by default; 1 is one lr for all),
+    the other stages at --lr; a scale that is not > 0 is refused naming the field."""
+    cfg = dataclasses.replace(make(), num_domains=len(DOMAINS))
+    stages_fn = modula_stages if isinstance(cfg, MoDULAConfig) else moa_stages
+    for scale in (10.0, 1.0, 2.5):
+        plan = stages_fn(dataclasses.replace(cfg, router_lr_scale=scale), DOMAINS, tasks.GENERAL)
+        assert [s.lr_scale for s in plan] == [1.0] * (len(plan) - 1) + [scale]
+        assert plan[-1].name == "router"
+    assert cfg.router_lr_scale == 10.0
+    with pytest.raises(ValueError, match=f"{type(cfg).__name__}.router_lr_scale=0: must be > 0"):
+        dataclasses.replace(cfg, router_lr_scale=0)

@@ -29,6 +29,15 @@ def test_smoke_run_writes_valid_metrics(tmp_path, run_train, method):
     assert (tmp_path / "run" / "adapter.safetensors").exists()
 
 
+def test_tokens_trained_and_per_digit_accuracy_are_recorded(tmp_path, run_train):
+    """tokens_trained = optimiser steps x batch x (2 digits + 2), exactly; per-digit accuracy is
+    never below exact match."""
+    m = run_train("--method", "lora")
+    assert m["tokens_trained"] == 6 * 8 * (2 * 3 + 2)                 # TINY: 6 steps of 8, 3 digits
+    for t, exact in m["per_task_accuracy"].items():
+        assert exact <= m["per_task_digit_accuracy"][t] <= 1
+
+
 def test_same_seed_same_result(tmp_path, run_train):
     runs = []
     for out in ("a", "b"):
