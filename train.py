@@ -81,6 +81,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64, help="sequences per step")
     p.add_argument("--lr", type=float, default=1e-3, help="peak fine-tuning learning rate (AdamW, warm-up + cosine)")
     p.add_argument("--digits", type=int, default=6, help="L, digits per task input")
+    p.add_argument("--family", default="maps", choices=list(tasks.FAMILIES),
+                   help="the fine-tuning tasks: maps (one digit map each, conflicting) or shared (9 - d, "
+                        "shared by every task, then a small map of its own)")
+    p.add_argument("--train-examples", type=int, default=0, metavar="N",
+                   help="a finite training set: N fixed examples per task, seen once per epoch "
+                        "(default 0: fresh examples every step)")
+    p.add_argument("--val-examples", type=int, default=0, metavar="N",
+                   help="also score N validation examples per task (held out like the eval ones), for "
+                        "choosing settings without touching the eval split (default 0: none)")
     p.add_argument("--n-layer", type=int, default=4, help="tiny GPT depth (when pretraining)")
     p.add_argument("--n-embd", type=int, default=128, help="tiny GPT width (when pretraining)")
     p.add_argument("--eval-examples", type=int, default=500, help="held-out examples per task")
@@ -101,6 +110,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--add-domain", default=None, metavar="TASK",
                    help="staged methods: grow the --init-adapter by one expert for TASK, then train "
                         "only that expert and the routers")
+    p.add_argument("--router-only", action="store_true",
+                   help="staged methods: train only the routers of the --init-adapter (its last stage), "
+                        "no new expert: the control of an --add-domain run, same router steps")
     p.add_argument("--ckpt-every", type=int, default=100,
                    help="steps between checkpoints (DIR/ckpt.pt; one also ends every stage)")
     p.add_argument("--resume", action="store_true",
@@ -115,6 +127,7 @@ class Setup:
     layer_cls: type
     domains: tuple               # the tasks fine-tuned on, expert i <-> domains[i]
     out_dir: str
+    family: tuple                # the family's tasks, all evaluated (with the general task)
 
 
 def check_args(args) -> Setup:
@@ -123,7 +136,7 @@ def check_args(args) -> Setup:
         fail(f"unknown method {args.method!r}; choose one of: {', '.join(METHODS)}")
     cfg_cls, layer_cls = METHODS[args.method]
     for flag, minimum in [("steps", 0), ("pretrain_steps", 1), ("batch_size", 1), ("digits", 1),
-                          ("eval_examples", 1), ("ckpt_every", 1)]:
+                          ("eval_examples", 1), ("ckpt_every", 1), ("train_examples", 0), ("val_examples", 0)]:
         if getattr(args, flag) < minimum:
             fail(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= {minimum}")
     if not 0 < args.lr < math.inf:
@@ -142,12 +155,17 @@ def check_args(args) -> Setup:
                                      VARIANTS.get(args.method, {}), args.variant, args.cfg)
     except ValueError as e:
         fail(str(e))
+    family = tasks.FAMILIES[args.family]
     for t in [*args.exclude_task, *[args.add_domain] * bool(args.add_domain)]:
-        if t not in tasks.TASKS:
-            fail(f"unknown task {t!r}; choose one of: {', '.join(tasks.TASKS)}")
-    if args.add_domain and (args.method not in STAGES or args.init_adapter is None):
-        fail(f"--add-domain needs --init-adapter and a method with domain experts ({', '.join(STAGES)})")
-    domains = tuple(t for t in tasks.TASKS if t not in args.exclude_task and t != args.add_domain)
+        if t not in family:
+            fail(f"unknown task {t!r} in --family {args.family}; choose one of: {', '.join(family)}")
+    for flag in ("add_domain", "router_only"):
+        if getattr(args, flag) and (args.method not in STAGES or args.init_adapter is None):
+            fail(f"--{flag.replace('_', '-')} needs --init-adapter and a method with domain experts "
+                 f"({', '.join(STAGES)})")
+    if args.add_domain and args.router_only:
+        fail("--add-domain and --router-only: choose one (the second is the first's control)")
+    domains = tuple(t for t in family if t not in args.exclude_task and t != args.add_domain)
     if not domains:
         fail("--exclude-task: no task left to fine-tune on")
     if saved_meta.get("tasks", list(domains)) != list(domains):
@@ -164,7 +182,7 @@ def check_args(args) -> Setup:
     out_dir = args.out or os.path.join("out", args.method)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         fail(f"--out {out_dir}: exists and is not a folder")
-    return Setup(cfg, layer_cls, domains, out_dir)
+    return Setup(cfg, layer_cls, domains, out_dir, family)
 
 
 # ----------------------------------------------------------------------------- seed and device
@@ -178,6 +196,7 @@ class Run:
     world: int
     device: torch.device
     gen: torch.Generator         # data order, the same on every device and rank
+    pool: dict | None = None     # a finite training set (--train-examples): task -> (N, L) inputs
     last_good: str = "nothing was written"
 
     def batch_for(self, task_names):
@@ -186,7 +205,7 @@ class Run:
         keeps its slice, so any number of processes trains on the data of one."""
         bs = self.args.batch_size
         ids = tasks.task_ids_for(task_names, bs, self.gen)
-        tokens, P = tasks.make_batch(ids, self.args.digits, "train", self.gen)
+        tokens, P = tasks.make_batch(ids, self.args.digits, "train", self.gen, self.pool)
         x, y = tasks.lm_inputs(tokens, P)
         mine = slice(self.rank * bs // self.world, (self.rank + 1) * bs // self.world)
         return x[mine].to(self.device), y[mine].to(self.device), ids[mine].to(self.device)
@@ -197,7 +216,9 @@ def start(args) -> Run:
     rank, world, device = init_distributed(args.device)   # torchrun: one process per rank
     if args.batch_size % world:                            # the global batch, over all ranks
         fail(f"--batch-size {args.batch_size}: must be divisible by the number of processes ({world})")
-    return Run(args, rank, world, device, torch.Generator().manual_seed(args.seed))
+    pool = tasks.train_pool((tasks.GENERAL, *tasks.FAMILIES[args.family]), args.train_examples, args.digits) \
+        if args.train_examples else None
+    return Run(args, rank, world, device, torch.Generator().manual_seed(args.seed), pool)
 
 
 def lm_loss(model, x, y):
@@ -282,14 +303,15 @@ def base_model(run: Run):
 # ----------------------------------------------------------------------------- inject the method
 
 
-def accuracies(run: Run, model, per_digit: dict | None = None) -> dict:
-    """Held-out exact-match accuracy on every task (rank 0 only: the others get {}); each task's
-    per-digit accuracy goes into `per_digit` when one is given."""
+def accuracies(run: Run, model, names, per_digit: dict | None = None, n=None, split="eval") -> dict:
+    """Held-out exact-match accuracy on the named tasks, n (default --eval-examples) examples each
+    from `split` (rank 0 only: the others get {}); each task's per-digit accuracy goes into
+    `per_digit` when one is given."""
     if run.rank > 0:
         return {}
     acc = {}
-    for t in tqdm(tasks.ALL_TASKS, desc="evaluate", dynamic_ncols=True):
-        acc[t], digit = tasks.scores(model, t, run.args.eval_examples, run.args.digits)
+    for t in tqdm(names, desc=f"evaluate ({split})", dynamic_ncols=True):
+        acc[t], digit = tasks.scores(model, t, n or run.args.eval_examples, run.args.digits, split=split)
         if per_digit is not None:
             per_digit[t] = digit
     return acc
@@ -319,7 +341,7 @@ def add_domain(run: Run, setup: Setup, model, layers):
     layer, then its stages train that expert and the routers. Returns the updated Setup and a
     function acc -> the report (parameters touched against a MoLoRA retrain, old tasks kept)."""
     task = run.args.add_domain
-    before = accuracies(run, model)
+    before = accuracies(run, model, (tasks.GENERAL, *setup.family))
     for layer in layers:
         append_expert(layer)                               # one more expert and router row each
     domains = (*setup.domains, task)
@@ -355,6 +377,7 @@ def fine_tune(run: Run, setup: Setup, model, layers, plan: list, base_sha: str) 
     spec = json.loads(json.dumps({                         # what --resume needs unchanged
         "method": args.method, "config": dataclasses.asdict(setup.cfg), "steps": args.steps,
         "batch_size": args.batch_size, "lr": args.lr, "digits": args.digits, "seed": args.seed,
+        "family": args.family, "train_examples": args.train_examples,
         "base_sha256": base_sha}))
     ckpt = {"stage": 0, "step": 0, "optimizer": None, "stage_log": [], "tokens": 0.0, "seconds": 0.0}
     if args.resume:
@@ -423,10 +446,12 @@ def evaluate(run: Run, setup: Setup, model, layers) -> tuple[dict, dict]:
     """Accuracy on every task, and the method's own measurements: which expert each task uses
     (routed methods), MoA's router accuracy, and for staged methods each domain through its own
     expert alone (the experts apart from the router)."""
-    digits = {}
-    acc, args = accuracies(run, model, digits), run.args
-    extra = {"per_task_digit_accuracy": {t: digits[t] for t in tasks.TASKS}}
-    ids = torch.arange(len(tasks.ALL_TASKS)).repeat_interleave(100)   # 100 held-out sequences per task
+    digits, args, names = {}, run.args, (tasks.GENERAL, *setup.family)
+    acc = accuracies(run, model, names, digits)
+    extra = {"per_task_digit_accuracy": {t: digits[t] for t in setup.family}}
+    if args.val_examples:                                  # for choosing settings (compare.py's lr)
+        extra["val_accuracy"] = accuracies(run, model, setup.domains, n=args.val_examples, split="val")
+    ids = torch.tensor([tasks.ALL_TASKS.index(t) for t in names]).repeat_interleave(100)  # 100 per task
     x_usage, _ = tasks.lm_inputs(*tasks.make_batch(ids, args.digits, "eval", torch.Generator().manual_seed(4321)))
     extra["expert_usage"] = expert_usage(model, x_usage.to(run.device), ids.to(run.device), tasks.ALL_TASKS)
     extra["expert_names"] = (["universal"] * (getattr(setup.cfg, "variant", "") == "flan")
@@ -469,7 +494,9 @@ def main(argv=None):
     setup = check_args(args)
     run = start(args)
     model, base_path = base_model(run)
-    base_acc = {t: tasks.accuracy(model, t, 200, args.digits) for t in tasks.ALL_TASKS} if run.rank == 0 else {}
+    base_acc = {t: tasks.accuracy(model, t, min(200, args.eval_examples), args.digits)
+                for t in (tasks.GENERAL, *setup.family)} \
+        if run.rank == 0 else {}
     layers = inject_method(run, setup, model)
     base_sha = base_hash(model)                            # kept in checkpoints and the adapter
     report = None
@@ -478,6 +505,7 @@ def main(argv=None):
     adapter = [t for t in model.parameters() if t.requires_grad]
     plan = (STAGES[args.method](setup.cfg, setup.domains, tasks.GENERAL, args.add_domain)
             if args.method in STAGES else [Stage("fine-tune", setup.domains, params=lambda layers: adapter)])
+    plan = plan[-1:] if args.router_only else plan             # the router stage alone
     t_start = time.perf_counter()
     log = fine_tune(run, setup, model, layers, plan, base_sha)
     for t in adapter:
@@ -490,7 +518,7 @@ def main(argv=None):
     acc, extra = evaluate(run, setup, model, layers)
     metrics = {
         "method": args.method, "variant": args.variant, "config": dataclasses.asdict(setup.cfg),
-        "per_task_accuracy": {t: acc[t] for t in tasks.TASKS},
+        "per_task_accuracy": {t: acc[t] for t in setup.family}, "family": args.family,
         "general_accuracy": acc[tasks.GENERAL],
         "base_accuracy": base_acc,
         "trainable_params": count_trainable(model),
@@ -502,6 +530,9 @@ def main(argv=None):
         "stages": log["stages"], "tasks": list(setup.domains), **extra,
         "add_domain": report(acc) if report else None,
         "seed": args.seed, "device": args.device, "processes": run.world,
+        "train_examples": args.train_examples or None,
+        "epochs": log["tokens"] / (2 * args.digits + 2) / (args.train_examples * len(setup.domains))
+        if args.train_examples else None,
     }
     write_results(run, setup, model, metrics, base_path, base_sha)
 

@@ -12,15 +12,38 @@ def test_run_table():
     assert len(names) == len(set(names))
     for i, r in enumerate(runs):                          # a run starts only from an earlier one
         assert r.after is None or r.after in names[:i]
-    one = [r for r in runs if r.task]
-    assert [r.task for r in one] == list(tasks.TASKS)
-    for r in one:                                   # its task alone, as many steps as a joint run
-        assert r.steps_frac == 1.0
-        assert sorted(r.args[i + 1] for i, a in enumerate(r.args) if a == "--exclude-task") == \
-            sorted(set(tasks.TASKS) - {r.task})
+    for block, family in (("main", "maps"), ("shared", "shared")):
+        one = [r for r in runs if r.task and r.block == block]
+        assert [r.task for r in one] == list(tasks.FAMILIES[family])
+        for r in one:                                     # its task alone, all the steps of a joint run
+            assert sorted(r.args[i + 1] for i, a in enumerate(r.args) if a == "--exclude-task") == \
+                sorted(set(tasks.FAMILIES[family]) - {r.task})
+            assert ("--family" in r.args) == (family == "shared")
     matched = next(r for r in runs if r.name == "molora-matched")
     assert "rank=3" in matched.args and "alpha=6" in matched.args
+    assert "rank=16" in next(r for r in runs if r.row == compare.LORA_MATCHED).args     # 8 experts x rank 2
     assert all(r.args[0] == "--method" for r in runs)
+    assert {r.lr for r in runs} <= set(compare.tune_table(2))          # every run has a tuned lr
+    for r in runs:                                        # the finite block, and only it, has a fixed set
+        assert (r.block == "finite") == ("--train-examples" in r.args) == r.row.endswith(compare.FINITE)
+    for added, control in compare.CONTROL.items():        # the control: same start, router stage only
+        add, ctl = (next(r for r in runs if r.row == x) for x in (added, control))
+        assert add.after == ctl.after and "--router-only" in ctl.args and "--add-domain" in add.args
+        assert ctl.args[:ctl.args.index("--router-only")] == add.args[:add.args.index("--add-domain")] + (
+            "--exclude-task", compare.NEW)
+
+
+def test_size_curves():
+    """Every method has at least three sizes on the same linears, each a row of the run table with
+    the main row among them; the rows differ only in their rank fields."""
+    rows = {r.row: r for r in compare.run_table(2, 3)}
+    for curve, members in compare.curves(2).items():
+        assert len(members) >= 3 and compare.MAIN_SIZE[curve] in members
+        args = [rows[m].args for m in members]
+        strip = lambda a: tuple(x for x in a if not x.split("=")[0] in ("rank", "alpha", "shared_rank",
+                                                                          "domain_rank", "universal_rank"))
+        assert len({strip(x) for x in args}) == 1, curve
+        assert all(rows[m].seeds in (None, compare.SIZE_SEEDS) for m in members)
 
 
 def test_budget_cfg():
@@ -81,9 +104,12 @@ def test_budget_columns_steps_tokens_and_per_digit():
     assert S["per task"][0]["digit_mean"] == pytest.approx(100 * (4 + 0.9) / 5)
     assert S["mix"][0]["opt_steps"] == 300 and S["mix"][0]["digit_mean"] == pytest.approx(80)
     assert S["old"][0]["tokens"] is None and S["old"][0]["digit_mean"] is None
-    table = compare.report(S, ["per task", "mix", "old"], [], ["# t"], [])
+    table = "\n".join(compare.table(S, ["per task", "mix", "old"], "maps", {}))
     assert "| per task | 500 |" in table and "| 98.0 | 50.0 | 1,500 | 1,344,000 |" in table
     assert "| old | 100 |" in table and "| — | 50.0 | 300 | — |" in table
+    apart = "\n".join(compare.table(compare.summarize(recs, {"maps": tasks.TASKS[:4]}), ["per task"], "maps",
+                                    {"maps": tasks.TASKS[:4]}))
+    assert "| mean | addpos (apart) |" in apart and "| 50.0 | 50.0 | 100.0 | 50.0 | 1,500 |" in apart   # per-digit: 4 tasks
 
 
 def seeds(values, **extra):
@@ -143,7 +169,7 @@ def test_checks_on_synthetic_rows():
     assert got["Every mixture method recovers part of the gap (beats the mixture LoRA)"] == "inconclusive"
     assert got["Soft routing >= top-2 (MoLoRA, same E and r; top-1 not run)"] == "holds"
     assert got["Residual: MoDULA-Res >= MoDULA-Flan"] == "not run"    # its runs are missing
-    assert got["Raising the rank overfits MoLoRA sooner than MALoRA"] == "not run"
+    assert got["Raising the rank overfits MoLoRA sooner than MALoRA (finite data)"] == "not run"
     S["LoRA, mixture"] = seeds([84, 85, 85, 84, 86])                 # top-2 now clearly below it
     recovers = next(v for _, claim, v, _, _ in compare.verdicts(S) if claim.startswith("Every mixture"))
     assert recovers == "contradicted"
@@ -153,91 +179,119 @@ def test_checks_on_synthetic_rows():
     assert step == ("holds", "MALoRA step / MoLoRA's (whole CPU train step): 0.80, 95 % CI 0.80 to 0.80, n = 5")
     S["MoDULA-Res"] = seeds([50] * 5, general=97.5, base_general=100.0)   # 2.5 below the base: out
     assert next(v for n, c, v, _, _ in compare.verdicts(S) if "general task" in c) == "contradicted"
+    check = lambda start: next((v, ours) for _, c, v, ours, _ in compare.verdicts(S) if c.startswith(start))
+    S["MoLoRA top-2"] = seeds([61, 61, 62, 60, 61], params=1000)
+    S[compare.LORA_MATCHED] = seeds([70, 71, 69, 70, 72], params=1000)
+    assert check("MoLoRA top-2 beats one LoRA with as many")[0] == "contradicted"   # 9 points below it
+    S[compare.LORA_MATCHED] = seeds([50, 51, 49, 50, 52], params=1000)
+    assert check("MoLoRA top-2 beats one LoRA with as many")[0] == "holds"
 
 
-def add_run(row, seed, drop, touched=41472, new=0.5):
+def test_premise_is_a_difference_of_gains_between_families():
+    """Check 9: (row - MoLoRA top-2) in the shared family minus the same in the maps family, per seed."""
+    sh = compare.SHARED
+    S = {"MoLoRA top-2": seeds([60, 61, 62, 60, 61]), "MoSLD p=0.1": seeds([60, 61, 62, 60, 61]),
+         "MoLoRA top-2" + sh: seeds([70, 70, 70, 70, 70]), "MoSLD p=0.1" + sh: seeds([75, 76, 74, 75, 75])}
+    check = lambda: next((v, ours) for _, c, v, ours, _ in compare.verdicts(S) if "shared input side" in c)
+    verdict, ours = check()
+    assert verdict == "holds" and "(difference +5.0, 95 % CI" in ours   # +5 there, 0 here
+    S["MoSLD p=0.1"] = seeds([65, 66, 67, 65, 66])                    # +5 in the maps family too
+    assert check()[0] == "contradicted"
+    S["MoSLD p=0.1"] = seeds([65, 56, 67, 55, 66])
+    assert check()[0] == "inconclusive"
+    assert next(v for _, c, v, _, _ in compare.verdicts(S) if "universal expert" in c) == "not run"
+
+
+def test_headline_tasks_and_chosen_lrs():
+    """A task that its per-task reference does not learn (>= 95 %) leaves the headline mean; the
+    chosen lr is the best validation mean, the smaller one on a tie."""
+    ref = [record("LoRA, one per task", s, 0.99 if t != "addpos" else 0.5, task=t) for s in (0, 1)
+           for t in tasks.TASKS]
+    head = compare.headline_tasks(ref + [record("mix", 0, 0.5)])
+    assert head["maps"] == tasks.TASKS[:4] and head["shared"] == tasks.FAMILIES["shared"]
+    S = compare.summarize(ref, head)
+    assert S["LoRA, one per task"][0]["mean"] == pytest.approx(99.0)
+    tune = lambda key, lr, val: {"run": f"tune-{key}-lr{lr:g}", "val_accuracy": {"add1": val, "neg": val}}
+    recs = [tune("lora", 3e-3, 0.5), tune("lora", 1e-2, 0.7), tune("moa", 3e-3, 0.6), tune("moa", 1e-2, 0.6)]
+    assert compare.chosen_lrs(recs) == {"lora": (1e-2, [50.0, 70.0]), "moa": (3e-3, [60.0, 60.0])}
+
+
+def add_run(row, seed, drop, touched=41472, new=0.5, old=0.9):
     """An add-a-domain record; its own retrain estimate (a default MoLoRA) must not be used."""
-    rec = record(row, seed, new, params=152064)
+    rec = record(row, seed, old, params=152064)
+    rec["per_task_accuracy"][compare.NEW] = new
     rec["add_domain"] = {"params_touched": touched, "max_old_task_drop": drop,
                          "molora_retrain_params": 626688, "touched_share": touched / 626688}
     return rec
 
 
-def test_check7_denominator_and_per_seed_drops():
+def test_check7_denominator_control_and_per_seed_drops():
+    """Old-task drops are taken against the control (the same extra router stage, no new domain),
+    per seed; the share is of the MoLoRA soft that was run."""
     check7 = lambda recs: next((v, ours) for n, _, v, ours, _ in compare.verdicts(compare.summarize(recs))
                                if n == "7")
     soft = [record("MoLoRA soft", s, 0.5, params=184320) for s in range(5)]
-    drops = [0.004, -0.02, 0.01, 0.0, 0.002]                          # largest old-task drop per seed
-    recs = soft + [add_run(row, s, d) for row in compare.ADDED for s, d in enumerate(drops)]
-    verdict, ours = check7(recs)
+    control = lambda accs: [record(compare.CONTROL[row], s, a, general=0.5) for row in compare.ADDED
+                            for s, a in enumerate(accs)]
+    olds = [0.9, 0.92, 0.89, 0.9, 0.9]                               # old tasks' accuracy after adding
+    recs = [add_run(row, s, 0.1, old=o) for row in compare.ADDED for s, o in enumerate(olds)]
+    verdict, ours = check7(soft + recs + control([0.9, 0.9, 0.9, 0.9, 0.9]))
     assert verdict == "holds"
-    assert "largest old-task drop per seed +0.4, -2.0, +1.0, +0.0, +0.2 pts (mean -0.1," in ours
+    assert "against the control +0.0, +0.0, +1.0, +0.0, +0.0 pts" in ours   # old tasks and general
+    assert "without the extra router stage: +10.0, +10.0" in ours    # the adapter before: reported apart
     assert "touched 41,472 of the 184,320 parameters of MoLoRA soft (share %: 22.5, 95 % CI 22.5 to 22.5" in ours
-    assert "second router stage" in ours and "no control" in ours
     small = [record("MoLoRA soft", s, 0.5, params=100000) for s in range(5)]
-    assert check7(small + recs[5:])[0] == "contradicted"             # 41.5 % of the MoLoRA that ran
-    worse = [add_run(compare.ADDED[0], s, d) for s, d in enumerate([0.2, -0.3, 0.25, -0.1, 0.0])]
-    assert check7(soft + worse)[0] == "inconclusive"                 # one seed loses 20 points, another gains
-    lost = [add_run(compare.ADDED[0], s, 0.05 + d) for s, d in enumerate(drops)]
-    assert check7(soft + lost)[0] == "contradicted"                  # about 5 points lost on every seed
-    assert check7(soft[:3] + recs[5:8])[0] == "inconclusive"         # 3 seeds
+    assert check7(small + recs + control([0.9] * 5))[0] == "contradicted"   # 41.5 % of the MoLoRA that ran
+    assert check7(soft + recs + control([0.95] * 5))[0] == "contradicted"   # 5 points below the control
+    assert check7(soft + recs + control([0.9, 1.0, 0.8, 1.0, 0.8]))[0] == "inconclusive"
+    assert check7(soft[:3] + recs + control([0.9] * 5))[0] == "inconclusive"   # 3 seeds of MoLoRA soft
+    assert check7(soft + recs)[0] == "not run"                       # no control, no verdict
 
 
 def test_rank_sweep_runs_and_verdict():
     runs = {r.name: r for r in compare.run_table(2, 3)}
     for r in compare.SWEEP_RANKS:
-        assert f"rank={r}" in runs[f"sweep-molora-r{r}"].args and "top2" in runs[f"sweep-molora-r{r}"].args
-        assert runs[f"sweep-malora-r{r}"].args[:2] == ("--method", "malora")
-    row = compare.sweep_row
+        assert f"rank={r}" in runs[f"finite-molora-r{r}"].args and "top2" in runs[f"finite-molora-r{r}"].args
+        assert runs[f"finite-malora-r{r}"].args[:2] == ("--method", "malora")
+    row = lambda label, r: compare.sweep_row(label, r) + compare.FINITE
     molora, malora = compare.SWEEP
+    r1, r2, r3 = compare.SWEEP_RANKS
     check5 = lambda S: next((v, ours) for n, _, v, ours, _ in compare.verdicts(S) if n == "5")
     five = lambda v: seeds([v + dv for dv in (0, 1, -1, 0.5, -0.5)])
-    S = {**{row(molora, r): five(v) for r, v in zip(compare.SWEEP_RANKS, (70, 90, 80, 60))},
-         **{row(malora, r): five(v) for r, v in zip(compare.SWEEP_RANKS, (70, 80, 85, 86))}}
+    S = {**{row(molora, r): five(v) for r, v in zip(compare.SWEEP_RANKS, (70, 90, 60))},
+         **{row(malora, r): five(v) for r, v in zip(compare.SWEEP_RANKS, (70, 85, 86))}}
     verdict, ours = check5(S)
-    assert verdict == "holds" and "(peak r=2; peak - r=8: +30.0, 95 % CI +30.0 to +30.0, n = 5)" in ours
-    assert "(peak r=8; peak - r=8: +0.0" in ours
-    S[row(malora, 8)] = five(50)                                     # MALoRA falls too, but peaks later
-    assert check5(S)[0] == "holds"
-    S[row(malora, 2)] = five(95)                                     # MALoRA peaks first and falls: no
-    assert check5(S)[0] == "contradicted"
-    S[row(malora, 8)] = seeds([95, 55, 95, 55, 95])                  # ... its fall is noise: undecided
+    assert verdict == "holds" and f"(peak r={r2}; peak - r={r3}: +30.0, 95 % CI +30.0 to +30.0, n = 5)" in ours
+    assert f"(peak r={r3}; peak - r={r3}: +0.0" in ours
+    S[row(malora, r3)] = five(50)                                    # MALoRA falls too, but peaks later?
+    assert check5(S)[0] == "contradicted"                            # no: both peak at r2, MALoRA falls
+    S[row(malora, r2)] = five(60)
+    S[row(malora, r3)] = five(95)
+    assert check5(S)[0] == "holds"                                   # MALoRA peaks at the largest rank
+    S[row(malora, r1)] = five(99)                                    # MALoRA peaks first ...
+    S[row(malora, r3)] = seeds([99, 55, 99, 55, 99])                 # ... and its fall is noise: undecided
     assert check5(S)[0] == "inconclusive"
     flat = {row(m, r): five(100) for m in compare.SWEEP for r in compare.SWEEP_RANKS}
     assert check5(flat) == ("contradicted", "; ".join(
-        f"{label} r=1/2/4/8: 100.0/100.0/100.0/100.0 (peak r=1; peak - r=8: +0.0, 95 % CI +0.0 to +0.0, n = 5)"
+        f"{label} r={r1}/{r2}/{r3}: 100.0/100.0/100.0 (peak r={r1}; peak - r={r3}: +0.0, 95 % CI +0.0 to +0.0, n = 5)"
         for label in compare.SWEEP))
     three = {k: v[:3] for k, v in S.items()}
     assert check5(three)[0] == "inconclusive"                        # 3 seeds
 
 
 def test_report_rebuilds_results_md_from_results_json(tmp_path):
-    recs = [{**record(row, s, acc), "command": ["train.py", "--init-from", "out/base/x.pt"]}
+    recs = [{**record(row, s, acc), "run": row, "command": ["train.py", "--init-from", "out/base/x.pt"]}
             for row, acc in (("LoRA, mixture", 0.5), ("MoLoRA soft", 0.9)) for s in range(5)]
-    budget = {"quick": False, "steps": 300, "lr": 0.003, "rank": 2, "seeds": 5, "eval_examples": 300, "jobs": 2}
+    recs += [{"run": "tune-lora-lr0.003", "row": "lora", "seed": 1000, "task": None, **record("lora", 1000, 0.5),
+              "val_accuracy": {"add1": 0.25}, "command": []}]
+    budget = {"quick": False, "steps": 300, "rank": 2, "seeds": 5, "eval_examples": 300, "jobs": 2}
     (tmp_path / "results.json").write_text(json.dumps(
-        {"budget": budget, "runs": recs, "notes": ["plot: old line", "lora seed 3: FAILED, exit 1"]}))
+        {"budget": budget, "runs": recs, "notes": ["lora seed 3: FAILED, exit 1"]}))
     compare.rejudge(str(tmp_path / "results.json"))
     md = (tmp_path / "RESULTS.md").read_text()
     assert "base out/base/x.pt (shared)" in md and "Verdicts re-judged from these same runs" in md
     assert "| LoRA, mixture | 100 | 50.0 ± 0.0 |" in md and "| MoLoRA soft | 100 | 90.0 ± 0.0 |" in md
     assert "| 2 | Soft routing >= top-2 (MoLoRA, same E and r; top-1 not run) | **not run** |" in md
+    assert "| lora | 25.0 | — | 0.003 |" in md                        # the lr table: one grid point ran
     notes = md.split("## Notes")[1]
-    assert "- lora seed 3: FAILED, exit 1" in notes and "old line" not in notes
-    assert sum(line.startswith("- plot") for line in notes.splitlines()) == 1     # the plot's line, redone
-
-
-def test_plot_usage_draws_routed_runs_of_seed_0(tmp_path):
-    usage = {f"blocks.{b}.attn.{t}": {"add1": [0.9, 0.1], "neg": [0.2, 0.8]} for b in (0, 1) for t in "qv"}
-    records = [{"run": "molora-soft", "row": "MoLoRA soft", "seed": 0, "expert_usage": usage},
-               {"run": "molora-soft", "row": "MoLoRA soft", "seed": 1, "expert_usage": usage},
-               {"run": "lora", "row": "LoRA", "seed": 0, "expert_usage": {}}]
-    assert compare.plot_usage(records[2:], str(tmp_path)) == "expert-usage heatmaps: no routed run"
-    note = compare.plot_usage(records, str(tmp_path))
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        assert note.startswith("expert-usage heatmaps skipped")
-        return
-    assert note == "expert usage: [MoLoRA soft](usage-molora-soft.png)"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["usage-molora-soft.png"]
+    assert "- lora seed 3: FAILED, exit 1" in notes

@@ -17,6 +17,10 @@ HAND = {  # task: (digits, answer), worked out by hand from the definitions in t
     "neg": ([0, 9, 5, 3], [9, 0, 4, 6]),                      # 9 - d
     "mul3": ([0, 9, 5, 4], [0, 7, 5, 2]),                     # 3 d mod 10
     "addpos": ([0, 9, 5, 8], [1, 1, 8, 2]),                   # (d_i + i) mod 10, i = 1..L
+    "swap1": ([0, 6, 7, 8], [9, 2, 3, 0]),                    # 9 - d, then 0<->1, 2<->3
+    "swap2": ([2, 4, 5, 0], [6, 4, 5, 9]),                    # 9 - d, then 4<->5, 6<->7
+    "swap3": ([0, 1, 7, 9], [8, 9, 0, 2]),                    # 9 - d, then 8<->9, 0<->2
+    "swap4": ([2, 4, 6, 8], [5, 7, 1, 3]),                    # 9 - d, then 1<->3, 5<->7
 }
 
 
@@ -38,8 +42,21 @@ def hand_answer(task, d):
     perm = [3, 7, 0, 9, 4, 1, 8, 2, 6, 5]
     rule = {"copy": lambda x, i: x, "add1": lambda x, i: (x + 1) % 10, "subst": lambda x, i: perm[x],
             "neg": lambda x, i: 9 - x, "mul3": lambda x, i: 3 * x % 10,
-            "addpos": lambda x, i: (x + i) % 10}[task]
+            "addpos": lambda x, i: (x + i) % 10,                    # 9 - x, then two swapped pairs:
+            **{t: lambda x, i, m=m: m[x] for t, m in SWAP_BY_HAND.items()}}[task]
     return [rule(x, i) for i, x in enumerate(d, start=1)]
+
+
+SWAP_BY_HAND = {"swap1": [9, 8, 7, 6, 5, 4, 2, 3, 0, 1], "swap2": [9, 8, 6, 7, 4, 5, 3, 2, 1, 0],
+                "swap3": [8, 9, 7, 6, 5, 4, 3, 0, 1, 2], "swap4": [9, 8, 5, 6, 7, 4, 1, 2, 3, 0]}
+
+
+def test_shared_family_agrees_with_neg_on_six_digits_in_ten():
+    """The shared skill is 9 - d: each swap task gives it on six digits, its own answer on four,
+    and no two tasks share all four."""
+    neg = [9 - x for x in range(10)]
+    own = {t: {x for x in range(10) if m[x] != neg[x]} for t, m in SWAP_BY_HAND.items()}
+    assert all(len(v) == 4 for v in own.values()) and len({frozenset(v) for v in own.values()}) == 4
 
 
 @pytest.mark.parametrize("task", tasks.ALL_TASKS)
@@ -69,28 +86,54 @@ def test_mixed_batches_answer_each_row_by_its_own_task():
 
 
 @pytest.mark.parametrize("L", [1, 2, 3, 4, 6])
-def test_eval_inputs_are_never_training_inputs(L):
-    """Every digit length: make_batch's eval digits and train digits come from two disjoint sets,
-    the eval one about a tenth of all inputs (all of them enumerated for L <= 4)."""
+def test_held_out_inputs_are_never_training_inputs(L):
+    """Every digit length: make_batch's train, validation and eval digits come from three disjoint
+    sets, validation and eval each about a tenth of all inputs (all enumerated for L <= 4)."""
     gen = torch.Generator().manual_seed(L)
     ids = torch.zeros(400, dtype=torch.long)
     seen = {split: {tuple(r) for r in tasks.make_batch(ids, L, split, gen)[0][:, 1:L + 1].tolist()}
-            for split in ("train", "eval")}
-    assert seen["train"] and seen["eval"] and not seen["train"] & seen["eval"]
+            for split in ("train", "val", "eval")}
+    assert all(seen.values())
+    assert not seen["train"] & seen["eval"] and not seen["train"] & seen["val"] and not seen["val"] & seen["eval"]
     if L <= 4:
         every = torch.tensor(list(itertools.product(range(10), repeat=L)))   # (10^L, L)
-        split = tasks.in_eval_split(every)
-        held_out = {tuple(r) for r in every[split].tolist()}
-        assert seen["eval"] <= held_out and not seen["train"] & held_out
-        assert 0.05 < split.float().mean() < 0.15 or L == 1       # L = 1: the digit 0 alone
-        if L <= 2:                                                  # few inputs: all were drawn
-            assert seen["eval"] == held_out and len(seen["train"]) == 10 ** L - len(held_out)
+        for name in ("val", "eval"):
+            split = tasks.in_split(every, name)
+            held_out = {tuple(r) for r in every[split].tolist()}
+            assert seen[name] <= held_out and not seen["train"] & held_out
+            assert 0.05 < split.float().mean() < 0.15 or L == 1   # L = 1: one digit each
+            if L <= 2:                                              # few inputs: all were drawn
+                assert seen[name] == held_out
+        if L <= 2:
+            assert len(seen["train"]) == 10 ** L - len(seen["val"]) - len(seen["eval"])
+    with pytest.raises(ValueError, match="split 'test'"):
+        tasks.sample_digits(4, L, "test", gen)
+
+
+def test_finite_training_set_is_fixed_per_task_and_drawn_from_train():
+    """train_pool: the same inputs in every run (seeded by the task, not the run), from the train
+    split; make_batch with it draws each row from its own task's set, in an order set by `gen`."""
+    L, names = 3, ("add1", "swap2")
+    pool = tasks.train_pool(names, 50, L)
+    assert all(torch.equal(pool[t], tasks.train_pool(names, 50, L)[t]) for t in names)
+    assert not torch.equal(pool["add1"], pool["swap2"])
+    assert all(tasks.in_split(pool[t], "train").all() for t in names)
+    ids = torch.tensor([tasks.ALL_TASKS.index(t) for t in names]).repeat(300)
+    tokens, P = tasks.make_batch(ids, L, "train", torch.Generator().manual_seed(0), pool)
+    for i, t in enumerate(names):
+        rows = {tuple(r) for r in tokens[ids == tasks.ALL_TASKS.index(t), 1:L + 1].tolist()}
+        assert rows <= {tuple(r) for r in pool[t].tolist()} and len(rows) > 40   # most of its 50 seen
+        assert torch.equal(tokens[ids == tasks.ALL_TASKS.index(t), P:P + L],
+                           tasks.ANSWER[t](tokens[ids == tasks.ALL_TASKS.index(t), 1:L + 1]))
+    again, _ = tasks.make_batch(ids, L, "train", torch.Generator().manual_seed(0), pool)
+    other, _ = tasks.make_batch(ids, L, "train", torch.Generator().manual_seed(1), pool)
+    assert torch.equal(tokens, again) and not torch.equal(tokens, other)
 
 
 def test_the_split_does_not_depend_on_the_task():
     L, ids = 3, torch.arange(len(tasks.ALL_TASKS)).repeat(50)
     tokens, _ = tasks.make_batch(ids, L, "eval", torch.Generator().manual_seed(0))
-    assert tasks.in_eval_split(tokens[:, 1:L + 1]).all()
+    assert tasks.in_split(tokens[:, 1:L + 1], "eval").all()
 
 
 # ----------------------------------------------------------------------------- LM targets
@@ -143,7 +186,7 @@ def test_exact_match_counts_any_wrong_digit(task):
     assert tasks.accuracy(right, task, n, L, batch=16) == 1.0
     prompts = torch.cat(right.prompts)
     assert prompts.shape == (n, L + 2)                              # n prompts, each asked once
-    assert tasks.in_eval_split(prompts[:, 1:L + 1]).all()           # all held out
+    assert tasks.in_split(prompts[:, 1:L + 1], "eval").all()        # all held out
     for i in range(L):                                              # first, middle and last digit
         assert tasks.accuracy(Scripted(L, wrong_at=i), task, n, L, batch=16) == 0.0
     half = Scripted(L, wrong_at=L - 1, wrong_rows=lambda d: d[:, 0] < 5)

@@ -113,6 +113,12 @@ CASES["malora_shared_rank"] = (["--method", "malora", "--cfg", "rank=12", "--cfg
 CASES["unknown_domain_added"] = (["--method", "modula", "--add-domain", "nosuch"], "unknown task 'nosuch'")
 CASES["unknown_domain_excluded"] = (["--method", "modula", "--exclude-task", "nosuch"],
                                     "unknown task 'nosuch'")
+CASES["task_of_another_family"] = (["--method", "lora", "--family", "shared", "--exclude-task", "add1"],
+                                   "unknown task 'add1' in --family shared; choose one of: swap1")
+CASES["router_only_without_adapter"] = (["--method", "moa", "--router-only"], "--router-only needs --init-adapter")
+CASES["router_only_no_router"] = (["--method", "lora", "--router-only"],
+                                  "--router-only needs --init-adapter and a method with domain experts")
+CASES["negative_train_examples"] = (["--method", "lora", "--train-examples", "-1"], "--train-examples -1: must be >= 0")
 
 
 @pytest.fixture(scope="module")

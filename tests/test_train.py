@@ -67,3 +67,30 @@ def test_compiled_cpu_run_learns_like_eager(tmp_path, run_train):
         m = run_train("--method", "molora", "--variant", "top2", *extra, out=out)   # eager: pretrains
         losses[out] = m["stages"][-1]["final_loss"]
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-2)
+
+
+def test_family_finite_training_set_and_validation(tmp_path, run_train):
+    """--family picks the tasks trained and evaluated; --train-examples trains on a fixed set (its
+    epochs recorded); --val-examples scores the validation split of the trained tasks."""
+    m = run_train("--method", "lora", "--family", "shared", "--train-examples", "4", "--val-examples", "5")
+    assert m["family"] == "shared" and list(m["per_task_accuracy"]) == list(__import__("tasks").FAMILIES["shared"])
+    assert set(m["base_accuracy"]) == {"copy", *m["per_task_accuracy"]}
+    assert m["train_examples"] == 4 and m["epochs"] == pytest.approx(6 * 8 / (4 * 4))   # 6 steps of 8, 4 tasks
+    assert set(m["val_accuracy"]) == set(m["per_task_accuracy"])
+    plain = run_train("--method", "lora", out="plain")
+    assert plain["family"] == "maps" and plain["epochs"] is None and "val_accuracy" not in plain
+
+
+def test_router_only_trains_the_routers_of_the_adapter_alone(tmp_path, run_train):
+    """--router-only: the control of --add-domain, the last stage (the routers) of the given
+    adapter, with no new expert; every other adapter weight is left as it was."""
+    from safetensors.torch import load_file
+    first = run_train("--method", "moa", "--exclude-task", "mul3", out="first")
+    again = run_train("--method", "moa", "--exclude-task", "mul3", "--router-only",
+                      "--init-adapter", str(tmp_path / "first" / "adapter.safetensors"), out="again")
+    assert [s["stage"] for s in again["stages"]] == ["router"] == [first["stages"][-1]["stage"]]
+    assert again["stages"][0]["steps"] == first["stages"][-1]["steps"]          # the same router steps
+    a, b = (load_file(str(tmp_path / d / "adapter.safetensors")) for d in ("first", "again"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].shape == b[k].shape and ("router" in k) != bool((a[k] == b[k]).all()), k
