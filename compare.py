@@ -79,9 +79,9 @@ side row."""
 # ----------------------------------------------------------------------------- arguments
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--quick", action="store_true",
-               help="smoke budget: 1 seed, 100 steps, 50 eval examples, one lr, no size rows, output in "
+               help="smoke budget: 1 seed, 50 steps, 50 eval examples, one lr, no size rows, output in "
                     "results/quick")
-p.add_argument("--steps", type=int, default=None, help="fine-tuning steps per run (default 300; quick 100)")
+p.add_argument("--steps", type=int, default=None, help="fine-tuning steps per run (default 300; quick 50)")
 p.add_argument("--seeds", type=int, default=None,
                help=f"seeds per run (default {MIN_SEEDS}, the fewest a verdict needs; quick 1)")
 p.add_argument("--eval-examples", type=int, default=None,
@@ -142,7 +142,8 @@ def tune_table(r: int) -> dict:
     """The configurations whose peak lr is chosen on the validation split: key -> train.py args."""
     def m(method, *extra):
         return ("--method", method, *budget_cfg(method, r), *extra)
-    return {"lora": m("lora"), "molora-soft": m("molora", "--variant", "soft"),
+    return {"lora": m("lora"), "lora-matched": ("--method", "lora", *budget_cfg("lora", 8 * r)),
+            "molora-soft": m("molora", "--variant", "soft"),
             "molora-top2": m("molora", "--variant", "top2"), "malora": m("malora"),
             "mosld": ("--method", "mosld", *budget_cfg("mosld", 4 * r), *ALL_LINEARS),
             "modula-flan": m("modula", "--variant", "flan"), "modula-res": m("modula", "--variant", "res"),
@@ -194,7 +195,7 @@ def run_table(r: int, matched: int) -> list:
         Run("malora", "MALoRA", tune["malora"], "malora"),
         Run("molora-matched", MATCHED, ("--method", "molora", "--variant", "top2", "--cfg", f"rank={matched}",
             "--cfg", f"alpha={2 * matched}", "--cfg", 'targets=["q","k","v","up","down"]'), "molora-top2"),
-        Run("lora-matched", LORA_MATCHED, ("--method", "lora", *budget_cfg("lora", 8 * r)), "lora"),
+        Run("lora-matched", LORA_MATCHED, tune["lora-matched"], "lora-matched"),
         Run("mosld", "MoSLD p=0.1", tune["mosld"], "mosld"),
         Run("mosld-qv", "MoSLD p=0.1, q/v (paper setting)",
             ("--method", "mosld", *budget_cfg("mosld", 4 * r), *QV), "mosld"),
@@ -213,8 +214,9 @@ def run_table(r: int, matched: int) -> list:
                     after=f"{key}-minus"),
                 Run(f"{key}-control", f"{label} without {NEW}, router stage again",
                     tune[key] + ("--exclude-task", NEW, "--router-only"), key, "add", after=f"{key}-minus")]
-    sizes = [Run(f"size-{key}-r{k}", size_row(curve, k), (
-        "--method", method, *budget_cfg(method, k), *extra), key, "sizes", curve, SIZE_SEEDS)
+    sizes = [Run(f"size-{key}-r{k}", size_row(curve, k), (    # LoRA above rank r: the matched LoRA's lr
+        "--method", method, *budget_cfg(method, k), *extra), "lora-matched" if key == "lora" and k > r else key,
+        "sizes", curve, SIZE_SEEDS)
         for curve, (key, method, extra, ranks) in size_ranks(r).items() for k in ranks
         if k != (4 * r if method == "mosld" else r) and not (method == "lora" and k == 8 * r)]
     finite = [Run(f"finite-{name}", f"{label}{FINITE}", args + ("--train-examples", str(TRAIN_EXAMPLES)),
@@ -309,9 +311,10 @@ def summarize(records: list, headline: dict | None = None) -> dict:
                 "params": sum(r["trainable_params"] for r in rs),
                 "tps": statistics.mean(r["tokens_per_second"] for r in rs),
                 "wall": sum(r["wall_seconds"] for r in rs), "add_domain": rs[0].get("add_domain"),
-                "epochs": rs[0].get("epochs"),
-                "own_expert": 100 * statistics.mean(rs[0]["oracle_routing_accuracy"].values())
-                if "oracle_routing_accuracy" in rs[0] else None})     # over the run's own domains
+                "epochs": rs[0].get("epochs"), "final_loss": rs[0]["stages"][-1].get("final_loss"),
+                "own_expert": 100 * statistics.mean(v for t, v in rs[0]["oracle_routing_accuracy"].items()
+                                                    if t in counted)
+                if "oracle_routing_accuracy" in rs[0] else None})     # its own domains that the mean counts
     return out
 
 
@@ -453,8 +456,9 @@ def routing_not_capacity(S) -> tuple:
 def premise(S, row) -> tuple:
     """Where tasks share a skill, `row` gains more on MoLoRA top-2 than where they conflict: the
     per-seed difference of (row - MoLoRA top-2) between the shared family and the maps family."""
-    gain = lambda suffix: {s["seed"]: s["mean"] - t["mean"] for s, t in
-                           zip(S[row + suffix], S["MoLoRA top-2" + suffix]) if s["seed"] == t["seed"]}
+    def gain(suffix):                                  # seed -> row - MoLoRA top-2, in one family
+        top2 = {t["seed"]: t["mean"] for t in S["MoLoRA top-2" + suffix]}
+        return {s["seed"]: s["mean"] - top2[s["seed"]] for s in S[row + suffix] if s["seed"] in top2}
     shared, maps = gain(SHARED), gain("")
     d = [shared[k] - maps[k] for k in shared if k in maps]
     if not d:
@@ -601,15 +605,16 @@ def table(S: dict, rows: list, family: str, headline: dict, epochs: bool = False
     apart = [t for t in tasks.FAMILIES[family] if t not in counted]
     cols = [*counted, "mean", *[f"{t} (apart)" for t in apart], "per-digit mean", f"{tasks.GENERAL} (general)"]
     opt = lambda ss, k: "—" if ss[0][k] is None else f"{ss[0][k]:,}"            # noqa: E731
-    extra = ["epochs"] * epochs
+    extra = ["epochs", "final train loss"] * epochs
     out = [f"| method | trainable params | {' | '.join(cols)} | optimiser steps | tokens | {' | '.join(extra + [''])}"
-           f"tokens/s | wall s |", "|---" * (len(cols) + 6 + epochs) + "|"]
+           f"tokens/s | wall s |", "|---" * (len(cols) + 6 + len(extra)) + "|"]
     for row in (r for r in rows if r in S):
         ss = S[row]
         accs = [fmt([s["acc"][t] for s in ss]) for t in counted]
         aparts = [fmt([s["acc"][t] for s in ss]) for t in apart]
         digits = "—" if ss[0]["digit_mean"] is None else fmt([s["digit_mean"] for s in ss])
-        ep = [f"{ss[0]['epochs']:.1f}" if ss[0]["epochs"] else "—"] * epochs
+        ep = [f"{ss[0]['epochs']:.1f}" if ss[0]["epochs"] else "—",
+              "—" if ss[0]["final_loss"] is None else fmt([s["final_loss"] for s in ss], 3)] if epochs else []
         out.append(f"| {row} | {ss[0]['params']:,} | {' | '.join(accs)} | {fmt([s['mean'] for s in ss])} | "
                    + "".join(f"{x} | " for x in aparts) + f"{digits} | {fmt([s['general'] for s in ss])} | "
                    f"{opt(ss, 'opt_steps')} | {opt(ss, 'tokens')} | " + "".join(f"{x} | " for x in ep)
@@ -632,17 +637,21 @@ def report(S: dict, runs: list, checks: list, head: list, notes: list, headline:
     if sizes:
         out += ["", "## Accuracy against trainable parameters (maps family)", "",
                 "Each method at three or more sizes on its main row's linears; the main row is one of them. "
-                f"Rows no verdict uses have {SIZE_SEEDS} seeds.", "",
+                f"Rows no verdict uses have {SIZE_SEEDS} seeds. Rank is the per-expert rank of the budget "
+                "(MALoRA: the MoLoRA rank it replaces; MoDULA: the domain rank, the universal expert's is "
+                "twice it; MoSLD: the rank of its shared A and of each B).", "",
                 "| method | " + " | ".join(f"size {i + 1}" for i in range(max(len(x) for _, x in sizes))) + " |",
                 "|---" * (1 + max(len(x) for _, x in sizes)) + "|"]
         out += [f"| {curve} | " + " | ".join(
-            f"{x.split(', rank ')[-1] if ', rank ' in x else x}: {fmt([s['mean'] for s in S[x]])} "
-            f"({S[x][0]['params']:,} params)" if x in S else "not run" for x in rows) + " |" for curve, rows in sizes]
+            f"rank {k}: {fmt([s['mean'] for s in S[x]])} ({S[x][0]['params']:,} params)" if x in S
+            else f"rank {k}: not run" for k, x in zip(size_ranks(r)[curve][3], rows)) + " |" for curve, rows in sizes]
         out += figures.get("sizes", [])
     if any(x in S for x in block("finite")):
         out += ["", f"## Finite data: {TRAIN_EXAMPLES} fixed training examples per task (checks 3-5)", "",
                 "The same tasks, with a training set drawn once and seen once per epoch, so that "
-                "regularisation and overfitting can show; held-out inputs as everywhere.", "",
+                "regularisation and overfitting can show; held-out inputs as everywhere. The final "
+                "training loss tells the two ways to fail apart: overfitting has a low one, a run that "
+                "did not train (an lr too high for its size) a high one.", "",
                 *table(S, block("finite"), "maps", headline, epochs=True)]
     if any(x in S for x in block("shared")):
         out += ["", "## The shared family (check 9)", "",
@@ -684,7 +693,9 @@ def head_lines(budget: dict, records: list, base: str, how: str, then: str) -> l
             f"size rows no verdict uses), {b['eval_examples']} held-out examples per task, base {base} (shared); "
             f"{b['jobs']} train.py process(es) at once, one thread each; the runs' wall times sum to "
             f"{sum(r['wall_seconds'] for r in records) / 60:.1f} min. {then}",
-            *["", BUDGET_NOTE.replace("\n", " ")] * (b["rank"] == 2)]
+            *["", BUDGET_NOTE.replace("\n", " ")] * (b["rank"] == 2),
+            "", "Why the comparison is built this way (budgets, lr rule, task families, finite data, the "
+                "add-a-domain control): [docs/comparison.md](../docs/comparison.md)."]
 
 
 def draw(S: dict, runs: list, records: list, out_dir: str, headline: dict, budget: str, r: int) -> dict:
@@ -753,7 +764,7 @@ if __name__ == "__main__":
         rejudge(a.report)
         sys.exit(0)
     quick = a.quick
-    a.steps = a.steps or (100 if quick else 300)
+    a.steps = a.steps or (50 if quick else 300)
     a.seeds = a.seeds or (1 if quick else MIN_SEEDS)
     a.eval_examples = a.eval_examples or (50 if quick else 300)
     a.out = a.out or ("results/quick" if quick else "results")

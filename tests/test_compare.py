@@ -209,8 +209,11 @@ def test_headline_tasks_and_chosen_lrs():
            for t in tasks.TASKS]
     head = compare.headline_tasks(ref + [record("mix", 0, 0.5)])
     assert head["maps"] == tasks.TASKS[:4] and head["shared"] == tasks.FAMILIES["shared"]
-    S = compare.summarize(ref, head)
+    staged = {**record("staged", 0, 0.9), "oracle_routing_accuracy": {t: 1.0 if t != "addpos" else 0.0
+                                                                      for t in tasks.TASKS}}
+    S = compare.summarize(ref + [staged], head)
     assert S["LoRA, one per task"][0]["mean"] == pytest.approx(99.0)
+    assert S["staged"][0]["own_expert"] == 100.0                     # over the tasks the mean counts
     tune = lambda key, lr, val: {"run": f"tune-{key}-lr{lr:g}", "val_accuracy": {"add1": val, "neg": val}}
     recs = [tune("lora", 3e-3, 0.5), tune("lora", 1e-2, 0.7), tune("moa", 3e-3, 0.6), tune("moa", 1e-2, 0.6)]
     assert compare.chosen_lrs(recs) == {"lora": (1e-2, [50.0, 70.0]), "moa": (3e-3, [60.0, 60.0])}
