@@ -78,7 +78,17 @@ def load_balance_loss(probs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return E * (f * P).sum()
 
 
-class Router(nn.Module):
+class LastCall:
+    """For a module that keeps tensors of its last call, with their autograd graph, in the
+    attributes named by `last_call`: a copy (copy.deepcopy, pickle) gets None there and the
+    weights as they are; deepcopy cannot copy a tensor that is inside a graph."""
+    last_call: tuple = ()
+
+    def __getstate__(self):
+        return {**self.__dict__, **dict.fromkeys(self.last_call)}
+
+
+class Router(LastCall, nn.Module):
     """The router of every method here: a bias-free W_g (E, I), N(0, 0.02^2) as in the MoLoRA
     code; softmax in float32 at least; the top K, renormalised or not; top_k None is soft routing.
 
@@ -90,6 +100,7 @@ class Router(nn.Module):
     (d.takes_xa: fused yes, loop and grouped no), W_g x rides in the x A^T matmul
     (fast.fold_router) and `xa` keeps x A^T for d; never for bf16/fp16 x. Else `xa` is None.
     """
+    last_call = ("idx", "balance_loss", "xa", "gates")
 
     def __init__(self, in_features: int, num_experts: int, top_k: int | None = None,
                  renormalize: bool = True):

@@ -45,8 +45,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (AdaptedLinear, Router, Stage, check_config, check_field, dispatch_naive, inject,
-                    is_int, is_real, lora_uniform_, route, stage_mode)
+from common import (AdaptedLinear, LastCall, Router, Stage, check_config, check_field, dispatch_naive,
+                    inject, is_int, is_real, lora_uniform_, route, stage_mode)
 
 
 @dataclass
@@ -85,10 +85,11 @@ def dispatch_gathered(x, A, B, idx, scaling):
     return scaling * torch.einsum("btr,bor->bto", h, B[idx])       # (B, T, O)
 
 
-class MoALinear(AdaptedLinear):
+class MoALinear(LastCall, AdaptedLinear):
     """Inputs are (..., T, I): the sequence router pools each sequence's first prompt_len tokens,
     so `update` gets (B, T, I) (sequence_input)."""
     sequence_input = True
+    last_call = ("gold", "logits")
 
     def __init__(self, base: nn.Linear, cfg: MoAConfig):
         super().__init__(base)

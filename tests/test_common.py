@@ -306,3 +306,28 @@ def test_written_out_softmax_equals_torch_softmax():
     ours, ref = fast.softmax(logits), torch.softmax(logits, -1)
     torch.testing.assert_close(ours, ref)
     torch.testing.assert_close(*(torch.autograd.grad(p, logits, dy)[0] for p in (ours, ref)))
+
+
+def test_deepcopy_after_a_training_forward():
+    """A model copies after a training forward and backward (a snapshot, an EMA): layers and routers
+    keep their last call's tensors, with their graphs, and a copy takes the weights only."""
+    import copy
+    from moa import MoAConfig, MoALinear
+    from modula import MoDULAConfig, MoDULALinear
+    makers = [lambda lin, name: MoLoRALinear(lin, MoLoRAConfig(num_experts=4, rank=2, top_k=2)),
+              lambda lin, name: MoALinear(lin, MoAConfig(num_domains=3, rank=2, prompt_len=2)),
+              lambda lin, name: MoDULALinear(lin, MoDULAConfig(num_domains=3, prompt_len=2))]
+    for make in makers:
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=32, block_size=8, n_layer=1, n_head=2, n_embd=32))
+        layers = inject(model, make, ("q", "v"))
+        for layer in layers:                              # every update away from 0
+            for p in layer.parameters():
+                if p.requires_grad:
+                    nn.init.normal_(p, std=0.1)
+        x = torch.randint(0, 32, (2, 8))
+        model.train()
+        (model(x).float().pow(2).mean() + aux_loss(model)).backward()
+        twin = copy.deepcopy(model)
+        model.eval(), twin.eval()
+        torch.testing.assert_close(twin(x), model(x))
