@@ -7,7 +7,9 @@
 
 Every run is `python train.py ...` in a subprocess, exactly what a user gets, writing into
 <out>/runs/<run>/seed<k>/ (train.log, metrics.json, adapter). A run whose metrics.json is there and
-whose run.json holds the same command is skipped, so an interrupted comparison resumes.
+whose run.json holds the same command is skipped, so an interrupted comparison resumes; so is a
+run that <out>/results.json already records with the same command (its record is reused), so a
+change to one configuration reruns only that configuration's runs, also from a fresh clone.
 
 The runs, in blocks (run_table):
 - main: every method on the "maps" tasks (conflicting digit maps, fresh data each step), the
@@ -21,7 +23,8 @@ The runs, in blocks (run_table):
 - shared: the "shared" tasks, where every task needs one skill the base lacks, so a shared part
   has something to share.
 Before them, each configuration's peak lr is chosen from LR_GRID on the validation split (one
-seed outside the evaluation seeds); every row of that configuration trains at it.
+seed outside the evaluation seeds); every row of that configuration trains at it. Each rank of the
+rank sweep is a configuration of its own (SWEEP_LR_GRID, on its finite training set).
 
 Writes <out>/results.json (every run), <out>/RESULTS.md (mean ± std over seeds; a verdict for each
 claim of the papers beside the paper's numbers) and, with matplotlib, the figures of figures.py.
@@ -59,16 +62,25 @@ SIZE_SEEDS = 3                 # seeds of a size row that no verdict uses (accur
 LEARNED = 95.0                 # a task counts in the headline mean if its per-task reference reaches this
 LR_GRID = (3e-3, 1e-2)         # every method's peak lr is chosen from these, on the validation split
                                # (1e-3, train.py's default, leaves rank-2 runs near 0 % in 300 steps)
+SWEEP_LR_GRID = (1e-3, 3e-3, 1e-2)   # the rank sweep's: up to 8x the parameters of rank 2 need a lower lr
+GRID_COLUMNS = tuple(sorted({*LR_GRID, *SWEEP_LR_GRID}))     # the lr table's columns
 TRAIN_EXAMPLES = 1000          # the finite-data block: fixed training examples per task
 SWEEP_RANKS = (1, 4, 16)       # check 5: per-expert ranks of the MoLoRA / MALoRA rank sweep (finite data)
 SWEEP = ("MoLoRA top-2", "MALoRA")
+SWEEP_CONFIGS = (("molora-top2", "molora", ("--variant", "top2")), ("malora", "malora", ()))  # tune key, method
 ALL_LINEARS = ("--cfg", 'targets=["q","k","v","o","up","down"]')
+# MoDULA's router stage here: 600 steps (twice stage 2's, not once) at 10/3 of the chosen lr (1e-2 at
+# 3e-3), the default run's router stage; at once stage 2's steps and 10x the lr its routers, trained
+# by the LM loss alone, had not found their experts (docs/comparison.md). The paper's proportions
+# stay as side rows.
+MODULA_ROUTER = ("--cfg", "stage_steps=[0.25,1.0,2.0]", "--cfg", "router_lr_scale=3.3333")
 QV = ("--cfg", 'targets=["q","v"]')
 MIX, PER_TASK, MATCHED = "LoRA, mixture", "LoRA, one per task", "MoLoRA top-2, parameters matched to MALoRA"
 LORA_MATCHED = "LoRA, parameters matched to MoLoRA top-2"
 OWN_A = "MoLoRA top-2, q/v, E=5 (own A per expert)"     # MoSLD's experts without the shared A ("MoLA")
 FINITE = f" ({TRAIN_EXAMPLES} examples per task)"        # the finite-data block's rows end with this
 SHARED = " [shared family]"                              # the shared-skill family's rows end with this
+SHORT_ROUTER = ", router stage as long as stage 2, at 10x lr"   # MoDULA's side rows without MODULA_ROUTER
 BUDGET_NOTE = """Why rank 2 per expert, not the methods' own 8: on these tasks one rank-8 LoRA learns
 every digit map of the mixture in 300 steps, so nothing interferes and all methods tie at the
 ceiling. At rank 2 one LoRA no longer holds the maps of all tasks, while a rank-2 LoRA per task
@@ -146,20 +158,34 @@ def tune_table(r: int) -> dict:
             "molora-soft": m("molora", "--variant", "soft"),
             "molora-top2": m("molora", "--variant", "top2"), "malora": m("malora"),
             "mosld": ("--method", "mosld", *budget_cfg("mosld", 4 * r), *ALL_LINEARS),
-            "modula-flan": m("modula", "--variant", "flan"), "modula-res": m("modula", "--variant", "res"),
-            "moa": m("moa")}
+            "modula-flan": m("modula", "--variant", "flan", *MODULA_ROUTER),
+            "modula-res": m("modula", "--variant", "res", *MODULA_ROUTER),
+            "moa": m("moa"),
+            **{sweep_key(key, k): ("--method", method, *budget_cfg(method, k), *variant,
+                                   "--train-examples", str(TRAIN_EXAMPLES))
+               for key, method, variant in SWEEP_CONFIGS for k in SWEEP_RANKS}}
+
+
+def sweep_key(key: str, k: int) -> str:
+    """The tune key of a rank-sweep configuration: its own lr, chosen on its own finite data."""
+    return f"{key}-r{k}-finite"
+
+
+def lr_grid(key: str) -> tuple:
+    """The lrs a configuration's tune runs try."""
+    return SWEEP_LR_GRID if key.endswith("-finite") else LR_GRID
 
 
 def size_ranks(r: int) -> dict:
     """Curve -> (tune key, method, extra args, per-expert ranks): at least three sizes per method on
     its main row's linears, the main row's rank among them; LoRA up to the rank whose parameters
     match MoLoRA top-2 (8 r: E = 8 experts of rank r)."""
-    half, mosld = max(1, r // 2), ("--cfg", "num_experts=[8,6,4,2]", *ALL_LINEARS)
+    half = max(1, r // 2)
     return {"LoRA": ("lora", "lora", (), (half, r, 4 * r, 8 * r)),
             "MoLoRA top-2": ("molora-top2", "molora", ("--variant", "top2"), (half, r, 2 * r)),
             "MALoRA": ("malora", "malora", (), (half, r, 2 * r)),
             "MoSLD": ("mosld", "mosld", ALL_LINEARS, (2 * r, 4 * r, 8 * r)),
-            "MoDULA-Res": ("modula-res", "modula", ("--variant", "res"), (half, r, 2 * r)),
+            "MoDULA-Res": ("modula-res", "modula", ("--variant", "res", *MODULA_ROUTER), (half, r, 2 * r)),
             "MoA-style": ("moa", "moa", (), (half, r, 2 * r))}
 
 
@@ -203,8 +229,10 @@ def run_table(r: int, matched: int) -> list:
                                          *QV), "mosld"),
         Run("molora-qv", OWN_A, ("--method", "molora", "--variant", "top2", *budget_cfg("molora", 4 * r),
                                  *QV, "--cfg", "num_experts=5"), "molora-top2"),
-        Run("modula-flan", "MoDULA-Flan", tune["modula-flan"], "modula-flan"),
-        Run("modula-res", "MoDULA-Res", tune["modula-res"], "modula-res"),
+        Run("modula-flan-router2x", "MoDULA-Flan", tune["modula-flan"], "modula-flan"),
+        Run("modula-res-router2x", "MoDULA-Res", tune["modula-res"], "modula-res"),
+        *[Run(f"modula-{v}", f"MoDULA-{v.capitalize()}{SHORT_ROUTER}",           # the paper's proportions
+              ("--method", "modula", *budget_cfg("modula", r), "--variant", v), f"modula-{v}") for v in ("flan", "res")],
         Run("moa", "MoA-style", tune["moa"], "moa"),
     ]
     add = []                   # a domain added later, and its control: the same router steps, no new domain
@@ -226,11 +254,9 @@ def run_table(r: int, matched: int) -> list:
                   ("mosld", "MoSLD p=0.1", tune["mosld"]),
                   ("mosld-p0.3", "MoSLD p=0.3", tune["mosld"] + ("--cfg", "drop_a=0.3")),
                   ("mosld-drop-b", "MoSLD dropout on B", tune["mosld"] + ("--variant", "drop-b"))]]
-    finite += [Run(f"finite-{method}-r{k}", f"{sweep_row(label, k)}{FINITE}",
-                   ("--method", method, *budget_cfg(method, k), *variant, "--train-examples", str(TRAIN_EXAMPLES)),
-                   key, "finite")
-               for k in SWEEP_RANKS for method, label, variant, key in (
-                   ("molora", SWEEP[0], ("--variant", "top2"), "molora-top2"), ("malora", SWEEP[1], (), "malora"))]
+    finite += [Run(f"finite-{method}-r{k}", f"{sweep_row(label, k)}{FINITE}", tune[sweep_key(key, k)],
+                   sweep_key(key, k), "finite")
+               for k in SWEEP_RANKS for (key, method, _), label in zip(SWEEP_CONFIGS, SWEEP)]
     fam = ("--family", "shared")
     shared = [Run("shared-lora", MIX + SHARED, tune["lora"] + fam, "lora", "shared"),
               *[Run(f"shared-lora-{t}", PER_TASK + SHARED, tune["lora"] + fam + only(t, "shared"), "lora",
@@ -252,6 +278,16 @@ def finished(run_dir: str, cmd: list) -> bool:
     except (OSError, ValueError, KeyError):
         return False
     return same and os.path.exists(os.path.join(run_dir, "metrics.json"))
+
+
+def recorded(path: str) -> dict:
+    """(run, seed) -> its record in an earlier results.json (none: {}), for reuse when a run's
+    command is the same."""
+    try:
+        with open(path) as f:
+            return {(rec["run"], rec["seed"]): rec for rec in json.load(f)["runs"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def execute(cmd: list, run_dir: str) -> str | None:
@@ -504,7 +540,10 @@ def pluggable(S) -> tuple:
 def overfits(S) -> tuple:
     """Check 5, on the finite training set: MoLoRA's mean accuracy falls from the peak of its rank
     sweep to the largest rank (a paired fall of more than TOL, judged as "peak beats largest"),
-    and MALoRA's peaks at a higher rank or does not fall (that fall contradicted)."""
+    and MALoRA's peaks at a higher rank or does not fall (that fall contradicted). A fall counts as
+    overfitting only if the largest rank fits its training set at least as well as the peak (final
+    training loss no higher); a largest rank with a higher one did not train, and its fall says
+    nothing about overfitting (inconclusive)."""
     peak, falls, texts = {}, {}, []
     for label in SWEEP:
         rows = [(r, sweep_row(label, r) + FINITE) for r in SWEEP_RANKS if sweep_row(label, r) + FINITE in S]
@@ -512,6 +551,12 @@ def overfits(S) -> tuple:
             raise KeyError(f"the rank sweep of {label}")
         peak[label], top = max(rows, key=lambda rr: avg(S, rr[1], "mean"))
         falls[label], note = judge(paired(S, top, rows[-1][1]), TOL)
+        loss = {row: [s.get("final_loss") for s in S[row]] for row in (top, rows[-1][1])}
+        if falls[label] == "holds" and None not in loss[top] + loss[rows[-1][1]] and \
+                statistics.mean(loss[rows[-1][1]]) > statistics.mean(loss[top]):
+            falls[label] = "inconclusive"
+            note += (f"; not overfitting: final training loss {fmt(loss[rows[-1][1]], 3)} at r={rows[-1][0]} "
+                     f"against {fmt(loss[top], 3)} at the peak, it did not fit its training set")
         accs = "/".join(f"{avg(S, row, 'mean'):.1f}" for _, row in rows)
         texts.append(f"{label} r={'/'.join(str(r) for r, _ in rows)}: {accs} (peak r={peak[label]}; "
                      f"peak - r={rows[-1][0]}: {note})")
@@ -672,9 +717,12 @@ def report(S: dict, runs: list, checks: list, head: list, notes: list, headline:
                 f"Each configuration's peak lr is the best of {', '.join(f'{x:g}' for x in LR_GRID)} on the "
                 "validation split (mean exact match over its tasks, one seed outside the evaluation seeds, "
                 "the main budget); every row of that method trains at it. Staged methods' router stages "
-                "run at it times their router_lr_scale.", "",
-                "| configuration | " + " | ".join(f"val. acc. at {x:g}" for x in LR_GRID) + " | chosen |",
-                "|---" * (len(LR_GRID) + 2) + "|"]
+                "run at it times their router_lr_scale. Each rank of the rank sweep (check 5, `-finite`) "
+                f"has its own, the best of {', '.join(f'{x:g}' for x in SWEEP_LR_GRID)} on the validation split "
+                f"after training on its {TRAIN_EXAMPLES} examples per task: one lr for ranks 1 to 16 would "
+                "judge the lr, not the rank. The size rows train at their method's main lr.", "",
+                "| configuration | " + " | ".join(f"val. acc. at {x:g}" for x in GRID_COLUMNS) + " | chosen |",
+                "|---" * (len(GRID_COLUMNS) + 2) + "|"]
         out += [f"| {key} | " + " | ".join("—" if v is None else f"{v:.1f}" for v in vals) + f" | {lr:g} |"
                 for key, (lr, vals) in lrs.items()]
     out += ["", "## Qualitative checks (the papers' claims, on these tasks)", "",
@@ -715,13 +763,13 @@ def draw(S: dict, runs: list, records: list, out_dir: str, headline: dict, budge
 
 
 def chosen_lrs(records: list) -> dict:
-    """Tune key -> (chosen lr, [validation mean % per grid lr, None where missing]) from the tune
+    """Tune key -> (chosen lr, [validation mean % per GRID_COLUMNS lr, None where not run]) from the tune
     runs: the best validation mean, the smaller lr on a tie."""
     out = {}
     for rec in (x for x in records if x["run"].startswith("tune-")):
         key, lr = rec["run"][len("tune-"):].rsplit("-lr", 1)
         out.setdefault(key, {})[float(lr)] = 100 * statistics.mean(rec["val_accuracy"].values())
-    return {key: (max(sorted(vals), key=lambda x: vals[x]), [vals.get(x) for x in LR_GRID])
+    return {key: (max(sorted(vals), key=lambda x: vals[x]), [vals.get(x) for x in GRID_COLUMNS])
             for key, vals in out.items()}
 
 
@@ -772,12 +820,12 @@ if __name__ == "__main__":
         if getattr(a, flag) < 1:
             sys.exit(f"compare.py: --{flag.replace('_', '-')} {getattr(a, flag)}: must be >= 1")
     t_start, load_start = time.perf_counter(), os.getloadavg()
-    grid = (3e-3,) if quick else LR_GRID
+    grid = (3e-3,) if quick else None                      # None: each configuration's lr_grid
     runs, notes = run_table(a.rank, matched_molora_rank(a.rank)), []
     if quick:                                              # a smoke test: no size rows
         runs = [r for r in runs if r.block != "sizes"]
     tune = [Run(f"tune-{key}-lr{lr:g}", key, args, key, "tune", seeds=1)
-            for key, args in tune_table(a.rank).items() for lr in grid]
+            for key, args in tune_table(a.rank).items() for lr in (grid or lr_grid(key))]
     run_dir = lambda name, seed: os.path.join(a.out, "runs", name, f"seed{seed}")   # noqa: E731
 
     # the shared base model: pretrained once (or reused from out/base), then --init-from for all
@@ -803,16 +851,27 @@ if __name__ == "__main__":
                       if run.after else [])
 
     failed, ran = {}, []                                   # ran: the runs this invocation trained
+    earlier = recorded(os.path.join(ROOT, a.out, "results.json"))
+    needs_files = set()                                    # runs whose adapter a run to be trained needs
+
+    def reusable(run, seed) -> bool:
+        """Recorded with the same command, and no run to be trained starts from its adapter."""
+        return earlier.get((run.name, seed), {}).get("command") == command(run, seed) and \
+            (run.name, seed) not in needs_files
+
+    def done(run, seed) -> bool:
+        """Finished in its run folder, or reusable from the earlier results.json."""
+        return finished(os.path.join(ROOT, run_dir(run.name, seed)), command(run, seed)) or reusable(run, seed)
     bar = tqdm(total=len(tune) + sum(min(a.seeds, r.seeds or a.seeds) for r in runs), desc="compare",
                dynamic_ncols=True)
 
     def work(job):
         run, seed = job
-        if a.collect and not finished(os.path.join(ROOT, run_dir(run.name, seed)), command(run, seed)):
+        if a.collect and not done(run, seed):
             failed[run.name, seed] = "not run yet"
         elif (run.after, seed) in failed:
             failed[run.name, seed] = f"needs {run.after}, which failed"
-        elif not finished(os.path.join(ROOT, run_dir(run.name, seed)), command(run, seed)):
+        elif not done(run, seed):
             bar.set_postfix_str(f"{run.name} seed {seed}")
             ran.append(job)
             if why := execute(command(run, seed), os.path.join(ROOT, run_dir(run.name, seed))):
@@ -821,6 +880,8 @@ if __name__ == "__main__":
 
     def load(run, seed):
         d = os.path.join(ROOT, run_dir(run.name, seed))
+        if not finished(d, command(run, seed)):           # reused from the earlier results.json
+            return {**earlier[run.name, seed], "row": run.row, "task": run.task}
         with open(os.path.join(d, "metrics.json")) as f, open(os.path.join(d, "run.json")) as g:
             return {"run": run.name, "row": run.row, "task": run.task, **json.load(g), **json.load(f)}
 
@@ -835,6 +896,7 @@ if __name__ == "__main__":
     # 2: every run at its configuration's lr: the rows verdicts use first (a run that starts from
     # another after it), then the size rows
     jobs = [(r, s) for s in range(a.seeds) for r in runs if s < (r.seeds or a.seeds)]
+    needs_files.update((r.after, s) for r, s in jobs if r.after and not done(r, s))
     with ThreadPoolExecutor(a.jobs) as pool:
         for group in (lambda r: not r.after and r.block != "sizes", lambda r: r.after, lambda r: r.block == "sizes"):
             list(pool.map(work, [j for j in jobs if group(j[0])]))
@@ -844,9 +906,12 @@ if __name__ == "__main__":
     notes += [f"{len(waiting)} runs not run yet (`python compare.py` resumes them): {', '.join(waiting)}"] * bool(waiting)
     records += [load(run, seed) for run, seed in jobs if (run.name, seed) not in failed]
     wall = time.perf_counter() - t_start
+    reused = sum(not finished(os.path.join(ROOT, run_dir(r.name, s)), command(r, s))
+                 for r, s in [(r, TUNE_SEED) for r in tune] + jobs if (r.name, s) not in failed)
     head = head_lines(vars(a), records, base, f"`python compare.py {' '.join(sys.argv[1:])}`",
                       f"This invocation trained {len(ran)} of the {len(jobs) + len(tune)} runs (the others "
-                      f"were finished already) in {wall / 60:.1f} min (load average {load_start[0]:.1f} at the "
+                      f"were finished already, {reused} of them recorded with the same command in the "
+                      f"results.json that was there) in {wall / 60:.1f} min (load average {load_start[0]:.1f} at the "
                       f"start, {os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} CPUs).")
     notes = publish(records, runs, os.path.join(ROOT, a.out), head, notes, a.rank, budget_text(vars(a)))
     with open(os.path.join(ROOT, a.out, "results.json"), "w") as f:

@@ -26,6 +26,12 @@ def test_run_table():
     assert {r.lr for r in runs} <= set(compare.tune_table(2))          # every run has a tuned lr
     for r in runs:                                        # the finite block, and only it, has a fixed set
         assert (r.block == "finite") == ("--train-examples" in r.args) == r.row.endswith(compare.FINITE)
+    by_row = {r.row: r for r in runs}
+    for v in ("Flan", "Res"):                             # MoDULA: the longer router stage, and the
+        main, side = by_row[f"MoDULA-{v}"], by_row[f"MoDULA-{v}{compare.SHORT_ROUTER}"]   # paper's beside it
+        assert main.args == side.args + compare.MODULA_ROUTER and main.lr == side.lr
+    assert all(compare.MODULA_ROUTER[1] in r.args for r in runs if r.row.startswith("MoDULA-Res") and
+               not r.row.endswith(compare.SHORT_ROUTER))  # every MoDULA-Res row that a check compares
     for added, control in compare.CONTROL.items():        # the control: same start, router stage only
         add, ctl = (next(r for r in runs if r.row == x) for x in (added, control))
         assert add.after == ctl.after and "--router-only" in ctl.args and "--add-domain" in add.args
@@ -216,7 +222,10 @@ def test_headline_tasks_and_chosen_lrs():
     assert S["staged"][0]["own_expert"] == 100.0                     # over the tasks the mean counts
     tune = lambda key, lr, val: {"run": f"tune-{key}-lr{lr:g}", "val_accuracy": {"add1": val, "neg": val}}
     recs = [tune("lora", 3e-3, 0.5), tune("lora", 1e-2, 0.7), tune("moa", 3e-3, 0.6), tune("moa", 1e-2, 0.6)]
-    assert compare.chosen_lrs(recs) == {"lora": (1e-2, [50.0, 70.0]), "moa": (3e-3, [60.0, 60.0])}
+    assert compare.GRID_COLUMNS == (1e-3, 3e-3, 1e-2)
+    assert compare.chosen_lrs(recs) == {"lora": (1e-2, [None, 50.0, 70.0]), "moa": (3e-3, [None, 60.0, 60.0])}
+    recs.append(tune("malora-r16-finite", 1e-3, 0.8))                # the sweep's grid reaches lower
+    assert compare.chosen_lrs(recs)["malora-r16-finite"] == (1e-3, [80.0, None, None])
 
 
 def add_run(row, seed, drop, touched=41472, new=0.5, old=0.9):
@@ -252,10 +261,15 @@ def test_check7_denominator_control_and_per_seed_drops():
 
 
 def test_rank_sweep_runs_and_verdict():
-    runs = {r.name: r for r in compare.run_table(2, 3)}
+    runs, tune = {r.name: r for r in compare.run_table(2, 3)}, compare.tune_table(2)
     for r in compare.SWEEP_RANKS:
         assert f"rank={r}" in runs[f"finite-molora-r{r}"].args and "top2" in runs[f"finite-molora-r{r}"].args
         assert runs[f"finite-malora-r{r}"].args[:2] == ("--method", "malora")
+        for method in ("molora", "malora"):                       # each rank at its own lr, tuned on
+            run = runs[f"finite-{method}-r{r}"]                    # its own finite training set
+            assert run.lr.endswith(f"-r{r}-finite") and tune[run.lr] == run.args
+            assert compare.lr_grid(run.lr) == compare.SWEEP_LR_GRID
+    assert compare.lr_grid("malora") == compare.LR_GRID
     row = lambda label, r: compare.sweep_row(label, r) + compare.FINITE
     molora, malora = compare.SWEEP
     r1, r2, r3 = compare.SWEEP_RANKS
@@ -282,6 +296,33 @@ def test_rank_sweep_runs_and_verdict():
     assert check5(three)[0] == "inconclusive"                        # 3 seeds
 
 
+def test_rank_sweep_fall_is_overfitting_only_if_the_training_set_was_fit():
+    """A largest rank whose final training loss is above the peak's did not train: its fall is no
+    evidence of overfitting, so that part of check 5 is inconclusive, and says why."""
+    row = lambda label, r: compare.sweep_row(label, r) + compare.FINITE
+    molora, malora = compare.SWEEP
+    r1, r2, r3 = compare.SWEEP_RANKS
+    five = lambda v, loss: seeds([v + dv for dv in (0, 1, -1, 0.5, -0.5)], final_loss=loss)
+    S = {row(molora, r1): five(90, 0.2), row(molora, r2): five(85, 0.1), row(molora, r3): five(40, 0.05),
+         **{row(malora, r): five(90, 0.1) for r in compare.SWEEP_RANKS}}
+    check5 = lambda: next((v, ours) for n, _, v, ours, _ in compare.verdicts(S) if n == "5")
+    assert check5()[0] == "holds"                                    # r3 fits better and generalises worse
+    S[row(molora, r3)] = five(40, 0.9)                               # r3 did not fit its training set
+    verdict, ours = check5()
+    assert verdict == "inconclusive"
+    assert f"not overfitting: final training loss 0.900 ± 0.000 at r={r3} against 0.200 ± 0.000 at the peak" in ours
+
+
+def test_recorded_runs_of_an_earlier_results_json(tmp_path):
+    path = tmp_path / "results.json"
+    assert compare.recorded(str(path)) == {}                         # none yet
+    path.write_text("{not json")
+    assert compare.recorded(str(path)) == {}
+    rec = {"run": "lora", "seed": 3, "command": ["train.py", "--method", "lora"]}
+    path.write_text(json.dumps({"budget": {}, "runs": [rec], "notes": []}))
+    assert compare.recorded(str(path)) == {("lora", 3): rec}
+
+
 def test_report_rebuilds_results_md_from_results_json(tmp_path):
     recs = [{**record(row, s, acc), "run": row, "command": ["train.py", "--init-from", "out/base/x.pt"]}
             for row, acc in (("LoRA, mixture", 0.5), ("MoLoRA soft", 0.9)) for s in range(5)]
@@ -295,6 +336,6 @@ def test_report_rebuilds_results_md_from_results_json(tmp_path):
     assert "base out/base/x.pt (shared)" in md and "Verdicts re-judged from these same runs" in md
     assert "| LoRA, mixture | 100 | 50.0 ± 0.0 |" in md and "| MoLoRA soft | 100 | 90.0 ± 0.0 |" in md
     assert "| 2 | Soft routing >= top-2 (MoLoRA, same E and r; top-1 not run) | **not run** |" in md
-    assert "| lora | 25.0 | — | 0.003 |" in md                        # the lr table: one grid point ran
+    assert "| lora | — | 25.0 | — | 0.003 |" in md                    # the lr table: one grid point ran
     notes = md.split("## Notes")[1]
     assert "- lora seed 3: FAILED, exit 1" in notes
