@@ -7,9 +7,11 @@
 
 Every run is `python train.py ...` in a subprocess, exactly what a user gets, writing into
 <out>/runs/<run>/seed<k>/ (train.log, metrics.json, adapter). A run whose metrics.json is there and
-whose run.json holds the same command is skipped, so an interrupted comparison resumes; so is a
-run that <out>/results.json already records with the same command (its record is reused), so a
-change to one configuration reruns only that configuration's runs, also from a fresh clone.
+whose run.json holds the same command is skipped, so an interrupted comparison resumes. With
+--reuse, so is a run that <out>/results.json already records with the same command (its record is
+taken as it is), so that a change to one configuration reruns only that configuration's runs, also
+from a fresh clone; the key is the command alone, so --reuse is for changes to compare.py's plan,
+not to the code that trains.
 
 The runs, in blocks (run_table):
 - main: every method on the "maps" tasks (conflicting digit maps, fresh data each step), the
@@ -67,12 +69,12 @@ GRID_COLUMNS = tuple(sorted({*LR_GRID, *SWEEP_LR_GRID}))     # the lr table's co
 TRAIN_EXAMPLES = 1000          # the finite-data block: fixed training examples per task
 SWEEP_RANKS = (1, 4, 16)       # check 5: per-expert ranks of the MoLoRA / MALoRA rank sweep (finite data)
 SWEEP = ("MoLoRA top-2", "MALoRA")
-SWEEP_CONFIGS = (("molora-top2", "molora", ("--variant", "top2")), ("malora", "malora", ()))  # tune key, method
+SWEEP_CONFIGS = (("molora-top2", "molora", ("--variant", "top2")), ("malora", "malora", ()))  # key, method, args
 ALL_LINEARS = ("--cfg", 'targets=["q","k","v","o","up","down"]')
 # MoDULA's router stage here: 600 steps (twice stage 2's, not once) at 10/3 of the chosen lr (1e-2 at
 # 3e-3), the default run's router stage; at once stage 2's steps and 10x the lr its routers, trained
-# by the LM loss alone, had not found their experts (docs/comparison.md). The paper's proportions
-# stay as side rows.
+# by the LM loss alone, had not found their experts (docs/comparison.md). The config's own
+# proportions stay as side rows, at the lr chosen for this setting.
 MODULA_ROUTER = ("--cfg", "stage_steps=[0.25,1.0,2.0]", "--cfg", "router_lr_scale=3.3333")
 QV = ("--cfg", 'targets=["q","v"]')
 MIX, PER_TASK, MATCHED = "LoRA, mixture", "LoRA, one per task", "MoLoRA top-2, parameters matched to MALoRA"
@@ -106,7 +108,12 @@ p.add_argument("--jobs", type=int, default=2, help="train.py processes at once, 
 p.add_argument("--out", default=None, help="output folder (default results; quick: results/quick)")
 p.add_argument("--collect", action="store_true",
                help="train nothing: RESULTS.md and results.json from the runs already finished under --out "
-                    "(the others are listed as not run yet); a later call without it resumes")
+                    "(and, with --reuse, recorded there; the others are listed as not run yet); a later call "
+                    "without it resumes")
+p.add_argument("--reuse", action="store_true",
+               help="take a run that <out>/results.json records with the same command as finished (its "
+                    "record as it is): after a change to this file's plan, only the changed runs train. The "
+                    "command is the whole key: do not use it after a change to the code that trains")
 p.add_argument("--report", metavar="RESULTS_JSON", default=None,
                help="train nothing: rebuild RESULTS.md (and the plot) beside this results.json from the "
                     "runs it records, with this compare.py's tables and verdicts")
@@ -173,7 +180,8 @@ def sweep_key(key: str, k: int) -> str:
 
 def lr_grid(key: str) -> tuple:
     """The lrs a configuration's tune runs try."""
-    return SWEEP_LR_GRID if key.endswith("-finite") else LR_GRID
+    sweep = {sweep_key(k, r) for k, _, _ in SWEEP_CONFIGS for r in SWEEP_RANKS}
+    return SWEEP_LR_GRID if key in sweep else LR_GRID
 
 
 def size_ranks(r: int) -> dict:
@@ -231,7 +239,7 @@ def run_table(r: int, matched: int) -> list:
                                  *QV, "--cfg", "num_experts=5"), "molora-top2"),
         Run("modula-flan-router2x", "MoDULA-Flan", tune["modula-flan"], "modula-flan"),
         Run("modula-res-router2x", "MoDULA-Res", tune["modula-res"], "modula-res"),
-        *[Run(f"modula-{v}", f"MoDULA-{v.capitalize()}{SHORT_ROUTER}",           # the paper's proportions
+        *[Run(f"modula-{v}", f"MoDULA-{v.capitalize()}{SHORT_ROUTER}",           # the config's proportions
               ("--method", "modula", *budget_cfg("modula", r), "--variant", v), f"modula-{v}") for v in ("flan", "res")],
         Run("moa", "MoA-style", tune["moa"], "moa"),
     ]
@@ -540,10 +548,10 @@ def pluggable(S) -> tuple:
 def overfits(S) -> tuple:
     """Check 5, on the finite training set: MoLoRA's mean accuracy falls from the peak of its rank
     sweep to the largest rank (a paired fall of more than TOL, judged as "peak beats largest"),
-    and MALoRA's peaks at a higher rank or does not fall (that fall contradicted). A fall counts as
-    overfitting only if the largest rank fits its training set at least as well as the peak (final
-    training loss no higher); a largest rank with a higher one did not train, and its fall says
-    nothing about overfitting (inconclusive)."""
+    and MALoRA's peaks at a higher rank or does not fall (that fall contradicted). Overfitting fits
+    the training set at least as well: where the largest rank's final training loss (the last
+    logged batch's) is above the peak's, judged like a verdict on the per-seed differences, its
+    fall may be a run that did not train, and that part of the check is inconclusive."""
     peak, falls, texts = {}, {}, []
     for label in SWEEP:
         rows = [(r, sweep_row(label, r) + FINITE) for r in SWEEP_RANKS if sweep_row(label, r) + FINITE in S]
@@ -553,10 +561,11 @@ def overfits(S) -> tuple:
         falls[label], note = judge(paired(S, top, rows[-1][1]), TOL)
         loss = {row: [s.get("final_loss") for s in S[row]] for row in (top, rows[-1][1])}
         if falls[label] == "holds" and None not in loss[top] + loss[rows[-1][1]] and \
-                statistics.mean(loss[rows[-1][1]]) > statistics.mean(loss[top]):
+                judge(paired(S, rows[-1][1], top, "final_loss"), 0)[0] == "holds":
             falls[label] = "inconclusive"
-            note += (f"; not overfitting: final training loss {fmt(loss[rows[-1][1]], 3)} at r={rows[-1][0]} "
-                     f"against {fmt(loss[top], 3)} at the peak, it did not fit its training set")
+            note += (f"; r={rows[-1][0]} fit its training set worse than the peak (final training loss "
+                     f"{fmt(loss[rows[-1][1]], 3)} against {fmt(loss[top], 3)}), so its fall is no evidence of "
+                     f"overfitting")
         accs = "/".join(f"{avg(S, row, 'mean'):.1f}" for _, row in rows)
         texts.append(f"{label} r={'/'.join(str(r) for r, _ in rows)}: {accs} (peak r={peak[label]}; "
                      f"peak - r={rows[-1][0]}: {note})")
@@ -851,7 +860,7 @@ if __name__ == "__main__":
                       if run.after else [])
 
     failed, ran = {}, []                                   # ran: the runs this invocation trained
-    earlier = recorded(os.path.join(ROOT, a.out, "results.json"))
+    earlier = recorded(os.path.join(ROOT, a.out, "results.json")) if a.reuse else {}
     needs_files = set()                                    # runs whose adapter a run to be trained needs
 
     def reusable(run, seed) -> bool:
@@ -896,7 +905,9 @@ if __name__ == "__main__":
     # 2: every run at its configuration's lr: the rows verdicts use first (a run that starts from
     # another after it), then the size rows
     jobs = [(r, s) for s in range(a.seeds) for r in runs if s < (r.seeds or a.seeds)]
-    needs_files.update((r.after, s) for r, s in jobs if r.after and not done(r, s))
+    # a run to be trained needs its parent's adapter file, so that parent cannot be taken from the
+    # record alone (one level is enough: run_table's parents have no parents, tests/test_compare.py)
+    needs_files.update((r.after, s) for r, s in jobs if r.after and not done(r, s) and not a.collect)
     with ThreadPoolExecutor(a.jobs) as pool:
         for group in (lambda r: not r.after and r.block != "sizes", lambda r: r.after, lambda r: r.block == "sizes"):
             list(pool.map(work, [j for j in jobs if group(j[0])]))
@@ -910,11 +921,13 @@ if __name__ == "__main__":
                  for r, s in [(r, TUNE_SEED) for r in tune] + jobs if (r.name, s) not in failed)
     head = head_lines(vars(a), records, base, f"`python compare.py {' '.join(sys.argv[1:])}`",
                       f"This invocation trained {len(ran)} of the {len(jobs) + len(tune)} runs (the others "
-                      f"were finished already, {reused} of them recorded with the same command in the "
-                      f"results.json that was there) in {wall / 60:.1f} min (load average {load_start[0]:.1f} at the "
+                      f"were finished already" + (f", {reused} of them taken from the results.json that was "
+                                                  f"there, recorded with the same command (--reuse)" if reused else "")
+                      + f") in {wall / 60:.1f} min (load average {load_start[0]:.1f} at the "
                       f"start, {os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} CPUs).")
     notes = publish(records, runs, os.path.join(ROOT, a.out), head, notes, a.rank, budget_text(vars(a)))
     with open(os.path.join(ROOT, a.out, "results.json"), "w") as f:
         json.dump({"budget": vars(a), "runs": records, "notes": notes}, f, indent=1)
-    print(f"wrote {a.out}/RESULTS.md and results.json ({len(records)} runs, {wall / 60:.1f} min)")
+    print(f"wrote {a.out}/RESULTS.md and results.json ({len(records)} runs, {len(ran)} trained, {reused} "
+          f"taken from the earlier results.json; {wall / 60:.1f} min)")
     sys.exit(1 if len(failed) > len(waiting) else 0)

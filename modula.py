@@ -44,9 +44,10 @@ Interpretations for the router (stage 3), each reachable with --cfg as the paper
 - router_lr_scale=10: stage 3 trains at ten times the experts' lr (1: one lr for all). The
   paper's learning rates are not known; the routers start from N(0, 0.02^2) and have one short
   stage, as MoA's routers, which at one shared lr were still far from fitting (moa.py).
-  What the routers need is about 600 steps at 1e-2 (the default run's stage 3): at half of
-  that, or at 3e-2, they settle on wrong experts in many layers (docs/comparison.md, which sets
-  stage_steps and router_lr_scale accordingly for its shorter budget).
+  On the synthetic tasks here the routers found their experts with about 600 steps at 1e-2
+  (the default run's stage 3); with half of that, or at 3e-2, they settled on wrong experts in
+  many layers (docs/comparison.md, which sets stage_steps and router_lr_scale accordingly for
+  its shorter budget).
 """
 from dataclasses import dataclass
 from functools import partial
