@@ -298,6 +298,17 @@ def recorded(path: str) -> dict:
         return {}
 
 
+def reuse_plan(jobs: list, earlier: dict, command, on_disk, training: bool = True) -> set:
+    """(run, seed) of the jobs to take from an earlier results.json (--reuse): recorded there with
+    the same command and not finished in their own folder, except a parent of a run that will
+    train (training=True), which needs the parent's adapter file, and a record has none. One level
+    of parents, as run_table has. command(run, seed) and on_disk(run, seed) as in __main__."""
+    same = {(r.name, s) for r, s in jobs
+            if earlier.get((r.name, s), {}).get("command") == command(r, s) and not on_disk(r, s)}
+    trains = {(r.name, s) for r, s in jobs if (r.name, s) not in same and not on_disk(r, s)}
+    return same - {(r.after, s) for r, s in jobs if training and r.after and (r.name, s) in trains}
+
+
 def execute(cmd: list, run_dir: str) -> str | None:
     """Run `python train.py ...` with its output in run_dir/train.log. None, or why it failed."""
     os.makedirs(run_dir, exist_ok=True)
@@ -861,16 +872,14 @@ if __name__ == "__main__":
 
     failed, ran = {}, []                                   # ran: the runs this invocation trained
     earlier = recorded(os.path.join(ROOT, a.out, "results.json")) if a.reuse else {}
-    needs_files = set()                                    # runs whose adapter a run to be trained needs
+    reused = set()                                         # (run, seed) taken from `earlier`
 
-    def reusable(run, seed) -> bool:
-        """Recorded with the same command, and no run to be trained starts from its adapter."""
-        return earlier.get((run.name, seed), {}).get("command") == command(run, seed) and \
-            (run.name, seed) not in needs_files
+    def on_disk(run, seed) -> bool:
+        return finished(os.path.join(ROOT, run_dir(run.name, seed)), command(run, seed))
 
     def done(run, seed) -> bool:
-        """Finished in its run folder, or reusable from the earlier results.json."""
-        return finished(os.path.join(ROOT, run_dir(run.name, seed)), command(run, seed)) or reusable(run, seed)
+        return on_disk(run, seed) or (run.name, seed) in reused
+
     bar = tqdm(total=len(tune) + sum(min(a.seeds, r.seeds or a.seeds) for r in runs), desc="compare",
                dynamic_ncols=True)
 
@@ -888,13 +897,14 @@ if __name__ == "__main__":
         bar.update()
 
     def load(run, seed):
-        d = os.path.join(ROOT, run_dir(run.name, seed))
-        if not finished(d, command(run, seed)):           # reused from the earlier results.json
+        if (run.name, seed) in reused:
             return {**earlier[run.name, seed], "row": run.row, "task": run.task}
+        d = os.path.join(ROOT, run_dir(run.name, seed))
         with open(os.path.join(d, "metrics.json")) as f, open(os.path.join(d, "run.json")) as g:
             return {"run": run.name, "row": run.row, "task": run.task, **json.load(g), **json.load(f)}
 
     TUNE_SEED = 1000                                       # outside the evaluation seeds 0 .. seeds-1
+    reused |= reuse_plan([(r, TUNE_SEED) for r in tune], earlier, command, on_disk, not a.collect)
     with ThreadPoolExecutor(a.jobs) as pool:               # 1: each configuration's lr, on validation
         list(pool.map(work, [(r, TUNE_SEED) for r in tune]))
     records = [load(r, TUNE_SEED) for r in tune if (r.name, TUNE_SEED) not in failed]
@@ -905,9 +915,7 @@ if __name__ == "__main__":
     # 2: every run at its configuration's lr: the rows verdicts use first (a run that starts from
     # another after it), then the size rows
     jobs = [(r, s) for s in range(a.seeds) for r in runs if s < (r.seeds or a.seeds)]
-    # a run to be trained needs its parent's adapter file, so that parent cannot be taken from the
-    # record alone (one level is enough: run_table's parents have no parents, tests/test_compare.py)
-    needs_files.update((r.after, s) for r, s in jobs if r.after and not done(r, s) and not a.collect)
+    reused |= reuse_plan(jobs, earlier, command, on_disk, not a.collect)
     with ThreadPoolExecutor(a.jobs) as pool:
         for group in (lambda r: not r.after and r.block != "sizes", lambda r: r.after, lambda r: r.block == "sizes"):
             list(pool.map(work, [j for j in jobs if group(j[0])]))
@@ -917,17 +925,16 @@ if __name__ == "__main__":
     notes += [f"{len(waiting)} runs not run yet (`python compare.py` resumes them): {', '.join(waiting)}"] * bool(waiting)
     records += [load(run, seed) for run, seed in jobs if (run.name, seed) not in failed]
     wall = time.perf_counter() - t_start
-    reused = sum(not finished(os.path.join(ROOT, run_dir(r.name, s)), command(r, s))
-                 for r, s in [(r, TUNE_SEED) for r in tune] + jobs if (r.name, s) not in failed)
+    n_reused = len(reused - set(failed))
     head = head_lines(vars(a), records, base, f"`python compare.py {' '.join(sys.argv[1:])}`",
                       f"This invocation trained {len(ran)} of the {len(jobs) + len(tune)} runs (the others "
-                      f"were finished already" + (f", {reused} of them taken from the results.json that was "
-                                                  f"there, recorded with the same command (--reuse)" if reused else "")
+                      f"were finished already" + (f", {n_reused} of them taken from the results.json that was "
+                                                  f"there, recorded with the same command (--reuse)" if n_reused else "")
                       + f") in {wall / 60:.1f} min (load average {load_start[0]:.1f} at the "
                       f"start, {os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} CPUs).")
     notes = publish(records, runs, os.path.join(ROOT, a.out), head, notes, a.rank, budget_text(vars(a)))
     with open(os.path.join(ROOT, a.out, "results.json"), "w") as f:
         json.dump({"budget": vars(a), "runs": records, "notes": notes}, f, indent=1)
-    print(f"wrote {a.out}/RESULTS.md and results.json ({len(records)} runs, {len(ran)} trained, {reused} "
+    print(f"wrote {a.out}/RESULTS.md and results.json ({len(records)} runs, {len(ran)} trained, {n_reused} "
           f"taken from the earlier results.json; {wall / 60:.1f} min)")
     sys.exit(1 if len(failed) > len(waiting) else 0)

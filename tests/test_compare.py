@@ -346,3 +346,24 @@ def test_report_rebuilds_results_md_from_results_json(tmp_path):
     assert "| lora | — | 25.0 | — | 0.003 |" in md                    # the lr table: one grid point ran
     notes = md.split("## Notes")[1]
     assert "- lora seed 3: FAILED, exit 1" in notes
+
+
+def test_reuse_plan_takes_same_commands_but_not_a_parent_that_a_training_run_needs():
+    """--reuse: a record with the same command stands for its run, unless the run is finished on
+    disk anyway, or is the parent of a run that will train (that run needs the parent's adapter
+    file, and a record has none); under --collect nothing trains, so parents are taken too."""
+    parent, child = compare.Run("minus", "r1", (), "x"), compare.Run("add", "r2", (), "x", after="minus")
+    other = compare.Run("lora", "r3", (), "x")
+    jobs = [(run, s) for s in (0, 1) for run in (parent, child, other)]
+    command = lambda run, s: ["train.py", run.name, str(s)]
+    earlier = {(run.name, s): {"command": command(run, s)} for run, s in jobs}
+    earlier["add", 1] = {"command": ["train.py", "add", "changed"]}        # seed 1's child must train
+    earlier["lora", 0] = {"command": ["train.py", "lora", "0", "--lr", "1"]}   # another lr: train again
+    none_on_disk = lambda run, s: False
+    assert compare.reuse_plan(jobs, earlier, command, none_on_disk) == {
+        ("minus", 0), ("add", 0), ("lora", 1)}                        # not minus 1: add 1 needs its file
+    assert compare.reuse_plan(jobs, earlier, command, none_on_disk, training=False) == {
+        ("minus", 0), ("add", 0), ("lora", 1), ("minus", 1)}
+    minus1_on_disk = lambda run, s: (run.name, s) == ("minus", 1)
+    assert ("minus", 1) not in compare.reuse_plan(jobs, earlier, command, minus1_on_disk)   # its folder is used
+    assert compare.reuse_plan(jobs, {}, command, none_on_disk) == set()   # no earlier results.json
