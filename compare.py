@@ -157,6 +157,17 @@ def matched_molora_rank(r: int) -> int:
         molora_num_params(I, O, MoLoRAConfig(rank=rm, top_k=2)) for I, O in shapes)))
 
 
+def sweep_key(key: str, k: int) -> str:
+    """The tune key of a rank-sweep configuration: its own lr, chosen on its own finite data."""
+    return f"{key}-r{k}-finite"
+
+
+def lr_grid(key: str) -> tuple:
+    """The lrs a configuration's tune runs try."""
+    sweep = {sweep_key(k, r) for k, _, _ in SWEEP_CONFIGS for r in SWEEP_RANKS}
+    return SWEEP_LR_GRID if key in sweep else LR_GRID
+
+
 def tune_table(r: int) -> dict:
     """The configurations whose peak lr is chosen on the validation split: key -> train.py args."""
     def m(method, *extra):
@@ -171,17 +182,6 @@ def tune_table(r: int) -> dict:
             **{sweep_key(key, k): ("--method", method, *budget_cfg(method, k), *variant,
                                    "--train-examples", str(TRAIN_EXAMPLES))
                for key, method, variant in SWEEP_CONFIGS for k in SWEEP_RANKS}}
-
-
-def sweep_key(key: str, k: int) -> str:
-    """The tune key of a rank-sweep configuration: its own lr, chosen on its own finite data."""
-    return f"{key}-r{k}-finite"
-
-
-def lr_grid(key: str) -> tuple:
-    """The lrs a configuration's tune runs try."""
-    sweep = {sweep_key(k, r) for k, _, _ in SWEEP_CONFIGS for r in SWEEP_RANKS}
-    return SWEEP_LR_GRID if key in sweep else LR_GRID
 
 
 def size_ranks(r: int) -> dict:

@@ -32,6 +32,9 @@ def test_run_table():
     for v in ("Flan", "Res"):                             # MoDULA: the longer router stage, and the
         main, side = by_row[f"MoDULA-{v}"], by_row[f"MoDULA-{v}{compare.SHORT_ROUTER}"]   # paper's beside it
         assert main.args == side.args + compare.MODULA_ROUTER and main.lr == side.lr
+    cfg = dict(x.split("=") for x in compare.MODULA_ROUTER[1::2])     # the default run's router stage:
+    assert float(cfg["router_lr_scale"]) * 3e-3 == pytest.approx(1e-2, rel=1e-3)   # 1e-2 at the chosen 3e-3
+    assert json.loads(cfg["stage_steps"])[2] * 300 == 600                           # 600 steps of a 300 budget
     assert all(compare.MODULA_ROUTER[1] in r.args for r in runs if r.row.startswith("MoDULA-Res") and
                not r.row.endswith(compare.SHORT_ROUTER))  # every MoDULA-Res row that a check compares
     for added, control in compare.CONTROL.items():        # the control: same start, router stage only
